@@ -1,0 +1,247 @@
+"""Typed pipeline configuration: `params.yaml` is read here, and only here.
+
+Each top-level section of `params.yaml` maps to one frozen dataclass below (`model:` maps to
+`fpn.ModelConfig`). Unknown or mistyped keys raise `ConfigError` naming the key, e.g.
+``params.yaml: train.lrr: unknown key``. Paths are *not* params: they are given on each
+stage's command line in `dvc.yaml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fpn import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A params file that cannot be turned into typed config; the message names the key."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Section `data:` (stage fetch): where the COCO-layout dataset comes from."""
+
+    source: str = "synthetic"  # synthetic | coco | local
+    base_url: str = "http://images.cocodataset.org"
+    max_images: int | None = None  # per split; None = whole split archives
+    train_split: str = "train2017"
+    val_split: str = "val2017"
+    download_workers: int = 8
+    retries: int = 3
+    timeout_s: float = 30.0
+    # Synthetic generator (source: synthetic).
+    seed: int = 0
+    synthetic_train_images: int = 400
+    synthetic_val_images: int = 100
+    synthetic_width: int = 320
+    synthetic_height: int = 256
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Section `preprocess:`: resize scale and parallelism."""
+
+    min_size: int = 800  # shorter side after resizing (the paper: 800)
+    max_size: int = 1333  # cap on the longer side (the paper: 1333)
+    workers: int = 0  # processes; 0 = all cores
+    jpeg_quality: int = 95
+    use_ray: bool = False  # run on the Ray cluster named by RAY_ADDRESS
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Section `train:` (stage train): Ray Train scaling, the schedule and checkpointing."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    batch_size: int = 2  # images per worker per step
+    lr: float = 0.02  # for `lr_reference_batch` images per step; scaled linearly with the global batch
+    lr_reference_batch: int = 16
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    iterations: int = 90000
+    warmup_iters: int = 500
+    warmup_factor: float = 0.001
+    lr_steps: tuple[int, ...] = (60000, 80000)
+    amp: str = "bf16"  # bf16 | fp16 | off (used on GPUs only)
+    init_weights: str | None = None  # None (random) | imagenet | torchvision-coco | path to a state dict
+    flip_prob: float = 0.5
+    loader_workers: int = 0
+    checkpoint_every: int = 500
+    max_failures: int = 2
+    log_every: int = 20
+    seed: int = 0
+    storage_path: str | None = None  # Ray Train storage (shared storage or s3:// on a cluster)
+    experiment: str = "fpn"  # MLflow experiment
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Section `evaluate:` (stage evaluate): inference batch, registry name, pictures."""
+
+    batch_size: int = 2
+    num_workers: int = 0  # Ray workers for inference; 0 = in process
+    registered_model: str = "fpn-detector"
+    num_pictures: int = 6
+    draw_score_thresh: float = 0.5
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """Section `profile:` (stage profile): what to time and how long."""
+
+    batch_sizes: tuple[int, ...] = (1,)
+    warmup: int = 2
+    iterations: int = 5
+    compare_torchvision: bool = True
+    single_scale_baseline: bool = True
+    train_step: bool = True
+    channels_last: bool = False
+    compile: bool = False
+    bf16: bool = False
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Section `tune:` (stage tune): Ray Tune search over train/model keys."""
+
+    num_samples: int = 8
+    max_concurrent_trials: int = 1
+    iterations: int = 300  # training iterations per trial (the ASHA max_t)
+    grace_period: int = 50
+    metric: str = "loss"
+    mode: str = "min"
+    seed: int = 0
+    # Search space: "section.key" -> {"type": loguniform|uniform|choice|randint, ...}
+    space: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Params:
+    """The whole `params.yaml`."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (tuples as lists), e.g. to log to MLflow or hash."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _check_type(value: Any, annotation: Any, where: str) -> Any:
+    """Return ``value`` coerced to ``annotation`` (lists to tuples, ints to floats) or raise."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            try:
+                return _check_type(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: expected {annotation}, got {value!r}")
+    if annotation is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected null, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item_type = args[0] if args else Any
+        if len(args) == 2 and args[1] is Ellipsis or len(args) <= 1:
+            return tuple(_check_type(v, item_type, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+        return tuple(_check_type(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if annotation is Any:
+        return value
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported type {annotation}")
+
+
+def _section(cls: type, values: Any, where: str) -> Any:
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(sorted(known))})")
+    typed = {key: _check_type(value, hints[key], f"{where}.{key}") for key, value in values.items()}
+    try:
+        return cls(**typed)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{where}: {err}") from err
+
+
+def params_from_dict(raw: dict[str, Any], *, where: str = "params") -> Params:
+    """Typed `Params` from a nested dict; every problem raises `ConfigError` naming the key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping at the top level")
+    sections = {f.name: f for f in dataclasses.fields(Params)}
+    for key in raw:
+        if key not in sections:
+            raise ConfigError(f"{where}: {key}: unknown section (known: {', '.join(sorted(sections))})")
+    hints = typing.get_type_hints(Params)
+    return Params(**{key: _section(hints[key], value, f"{where}: {key}") for key, value in raw.items()})
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Read `params.yaml` (and optional ``{"section.key": value}`` overrides) into `Params`."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: params file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        if not key:
+            raise ConfigError(f"override {dotted!r}: expected section.key")
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"{path}: {section}: expected a mapping")
+        raw[section][key] = value
+    return params_from_dict(raw, where=str(path))
