@@ -46,10 +46,12 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """Section `preprocess:`: resize scale and parallelism."""
+    """Section `preprocess:`: parallelism and output quality.
 
-    min_size: int = 800  # shorter side after resizing (the paper: 800)
-    max_size: int = 1333  # cap on the longer side (the paper: 1333)
+    The resize scale is not here: preprocessing resizes to `model.min_size`/`model.max_size`
+    so that the model and its data can never disagree.
+    """
+
     workers: int = 0  # processes; 0 = all cores
     jpeg_quality: int = 95
     use_ray: bool = False  # run on the Ray cluster named by RAY_ADDRESS
