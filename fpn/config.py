@@ -15,7 +15,7 @@ Conventions:
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
