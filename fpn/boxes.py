@@ -65,7 +65,7 @@ def decode_boxes(deltas: Tensor, references: Tensor, weights: tuple[float, float
     ref_h = references[:, 3] - references[:, 1]
     ref_x = references[:, 0] + 0.5 * ref_w
     ref_y = references[:, 1] + 0.5 * ref_h
-    deltas = deltas.reshape(deltas.shape[0], -1, 4)  # (B, C, 4)
+    deltas = deltas.reshape(deltas.shape[0], deltas.shape[1] // 4, 4)  # (B, C, 4)
     dx = deltas[..., 0] / wx
     dy = deltas[..., 1] / wy
     dw = (deltas[..., 2] / ww).clamp(max=DELTA_CLAMP)
