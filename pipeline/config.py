@@ -98,7 +98,11 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class ProfileConfig:
-    """Section `profile:` (stage profile): what to time and how long."""
+    """Section `profile:` (stage profile): what to time and how long.
+
+    Inputs are seeded synthetic images of model.min_size x model.max_size (height x width);
+    the training step runs at train.batch_size.
+    """
 
     batch_sizes: tuple[int, ...] = (1,)
     warmup: int = 2
@@ -109,6 +113,19 @@ class ProfileConfig:
     channels_last: bool = False
     compile: bool = False
     bf16: bool = False
+    devices: tuple[str, ...] = ("cpu", "cuda")  # measured where present; cuda is skipped without a GPU
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+    seed: int = 0  # synthetic inputs and reference weights
+
+    def __post_init__(self) -> None:
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            raise ValueError(f"batch_sizes: every batch size must be >= 1, got {list(self.batch_sizes)}")
+        if self.warmup < 0 or self.iterations < 1:
+            raise ValueError(f"need warmup >= 0 and iterations >= 1, got {self.warmup} and {self.iterations}")
+        if not self.devices or any(d not in ("cpu", "cuda") for d in self.devices):
+            raise ValueError(f"devices: each must be cpu or cuda, got {list(self.devices)}")
+        if self.threads < 0:
+            raise ValueError(f"threads: must be >= 0, got {self.threads}")
 
 
 @dataclass(frozen=True)
