@@ -9,7 +9,12 @@ Conventions:
   are ``num_classes=90``).
 * Pyramid levels are named by their index ``k`` (stride ``2**k``): P2..P6 for FPN.
 * ``anchor_sizes`` gives one anchor side (sqrt of area, in input pixels) per pyramid level
-  used by the RPN, finest first; ``aspect_ratios`` are height/width ratios.
+  used by the RPN, finest first (5 for P2..P6); a single-level RPN (``p2_only``,
+  ``single_c4``, ``single_c5``) puts all of them on its one level. ``aspect_ratios`` are
+  height/width ratios.
+
+Invalid values raise ``ValueError`` naming the field, e.g.
+``ModelConfig.backbone: unknown backbone 'resnet7' (choose from resnet18, ...)``.
 """
 
 from __future__ import annotations
@@ -27,6 +32,23 @@ NORMS = ("frozen_bn", "bn", "gn")
 #   p2_only              FPN features, but RPN and RoI head use only the finest level P2
 #   single_c4, single_c5 single-scale baseline: RPN and RoI head on one map (C4 or C5)
 PYRAMIDS = ("fpn", "bottom_up", "top_down_no_lateral", "p2_only", "single_c4", "single_c5")
+# Pyramid levels k (stride 2**k) seen by the RPN and pooled by the RoI head, per pyramid.
+RPN_LEVELS = {
+    "fpn": (2, 3, 4, 5, 6),
+    "bottom_up": (2, 3, 4, 5, 6),
+    "top_down_no_lateral": (2, 3, 4, 5, 6),
+    "p2_only": (2,),
+    "single_c4": (4,),
+    "single_c5": (5,),
+}
+ROI_LEVELS = {
+    "fpn": (2, 3, 4, 5),
+    "bottom_up": (2, 3, 4, 5),
+    "top_down_no_lateral": (2, 3, 4, 5),
+    "p2_only": (2,),
+    "single_c4": (4,),
+    "single_c5": (5,),
+}
 
 
 @dataclass(frozen=True)
@@ -75,6 +97,117 @@ class ModelConfig:
     box_score_thresh: float = 0.05
     box_nms_iou: float = 0.5
     detections_per_image: int = 100
+
+    def __post_init__(self) -> None:
+        # Lists (e.g. from YAML or keyword arguments) become tuples: hashable, comparable.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list):
+                object.__setattr__(self, f.name, tuple(value))
+        self._validate()
+
+    def _error(self, name: str, message: str) -> ValueError:
+        return ValueError(f"ModelConfig.{name}: {message}")
+
+    def _choice(self, name: str, choices: tuple[str, ...], what: str) -> None:
+        value = getattr(self, name)
+        if value not in choices:
+            raise self._error(name, f"unknown {what} {value!r} (choose from {', '.join(choices)})")
+
+    def _number(
+        self,
+        name: str,
+        *,
+        integer: bool = False,
+        low: float | None = None,
+        high: float | None = None,
+        low_open: bool = False,
+    ) -> None:
+        value = getattr(self, name)
+        kinds = (int,) if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise self._error(name, f"expected {'an integer' if integer else 'a number'}, got {value!r}")
+        if low is not None and (value <= low if low_open else value < low):
+            raise self._error(name, f"must be {'>' if low_open else '>='} {low}, got {value!r}")
+        if high is not None and value > high:
+            raise self._error(name, f"must be <= {high}, got {value!r}")
+
+    def _positive_tuple(self, name: str, length: int | None = None) -> None:
+        value = getattr(self, name)
+        if not isinstance(value, tuple) or not value:
+            raise self._error(name, f"expected a non-empty list of numbers, got {value!r}")
+        if length is not None and len(value) != length:
+            raise self._error(name, f"expected {length} values, got {len(value)}")
+        for v in value:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+                raise self._error(name, f"every value must be a positive number, got {value!r}")
+
+    def _validate(self) -> None:
+        self._choice("backbone", BACKBONES, "backbone")
+        self._choice("norm", NORMS, "norm")
+        self._choice("pyramid", PYRAMIDS, "pyramid")
+        if not isinstance(self.shared_rpn_head, bool):
+            raise self._error("shared_rpn_head", f"expected true or false, got {self.shared_rpn_head!r}")
+        self._number("trainable_stages", integer=True, low=0, high=5)
+        for name in (
+            "fpn_channels",
+            "min_size",
+            "max_size",
+            "representation_size",
+            "roi_output_size",
+            "rpn_batch_per_image",
+            "roi_batch_per_image",
+            "rpn_pre_nms_topk_train",
+            "rpn_pre_nms_topk_test",
+            "rpn_post_nms_topk_train",
+            "rpn_post_nms_topk_test",
+            "num_classes",
+            "detections_per_image",
+            "size_divisible",
+        ):
+            self._number(name, integer=True, low=1)
+        if self.max_size < self.min_size:
+            raise self._error("max_size", f"must be >= min_size ({self.min_size}), got {self.max_size}")
+        if self.size_divisible % 32:
+            raise self._error(
+                "size_divisible", f"must be a multiple of 32 (the stride of C5), got {self.size_divisible}"
+            )
+        self._positive_tuple("image_mean", 3)
+        self._positive_tuple("image_std", 3)
+        self._positive_tuple("anchor_sizes")
+        self._positive_tuple("aspect_ratios")
+        self._positive_tuple("box_reg_weights", 4)
+        levels = RPN_LEVELS[self.pyramid]
+        if len(levels) > 1 and len(self.anchor_sizes) != len(levels):
+            raise self._error(
+                "anchor_sizes",
+                f"{len(self.anchor_sizes)} sizes given, but pyramid {self.pyramid!r} has {len(levels)} RPN levels "
+                f"(P{levels[0]}..P{levels[-1]}): give one size per level",
+            )
+        for name in (
+            "rpn_fg_iou",
+            "rpn_bg_iou",
+            "roi_fg_iou",
+            "roi_bg_iou",
+            "rpn_nms_iou",
+            "box_nms_iou",
+            "rpn_score_thresh",
+            "box_score_thresh",
+        ):
+            self._number(name, low=0.0, high=1.0)
+        for name in ("rpn_positive_fraction", "roi_positive_fraction"):
+            self._number(name, low=0.0, high=1.0, low_open=True)
+        if self.rpn_bg_iou > self.rpn_fg_iou:
+            raise self._error(
+                "rpn_bg_iou", f"must be <= rpn_fg_iou ({self.rpn_fg_iou}), got {self.rpn_bg_iou}"
+            )
+        if self.roi_bg_iou > self.roi_fg_iou:
+            raise self._error(
+                "roi_bg_iou", f"must be <= roi_fg_iou ({self.roi_fg_iou}), got {self.roi_bg_iou}"
+            )
+        self._number("canonical_level", integer=True, low=1)
+        self._number("canonical_scale", low=0.0, low_open=True)
+        self._number("roi_sampling_ratio", integer=True, low=0)
 
     @classmethod
     def torchvision(cls) -> ModelConfig:

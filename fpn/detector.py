@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from fpn.anchors import AnchorGenerator, anchor_sizes_per_level
 from fpn.backbone import ResNetBackbone
-from fpn.config import ModelConfig
+from fpn.config import ROI_LEVELS, RPN_LEVELS, ModelConfig
 from fpn.neck import FeaturePyramid, SingleScale
 from fpn.poolers import MultiLevelRoIAlign
 from fpn.roi_heads import BoxPredictor, RoIHeads, TwoMLPHead
@@ -65,15 +65,7 @@ class Detector(nn.Module):
 
 def pyramid_levels(cfg: ModelConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(RPN levels, RoI-head levels) of ``cfg.pyramid``."""
-    if cfg.pyramid in ("fpn", "bottom_up", "top_down_no_lateral"):
-        return (2, 3, 4, 5, 6), (2, 3, 4, 5)
-    if cfg.pyramid == "p2_only":
-        return (2,), (2,)
-    if cfg.pyramid == "single_c4":
-        return (4,), (4,)
-    if cfg.pyramid == "single_c5":
-        return (5,), (5,)
-    raise ValueError(f"ModelConfig.pyramid: unknown pyramid {cfg.pyramid!r}")
+    return RPN_LEVELS[cfg.pyramid], ROI_LEVELS[cfg.pyramid]
 
 
 def build_detector(cfg: ModelConfig) -> Detector:
