@@ -42,6 +42,22 @@ class DataConfig:
     synthetic_val_images: int = 100
     synthetic_width: int = 320
     synthetic_height: int = 256
+    # Local copy (source: local; the folder itself is stage fetch's --local-dir argument).
+    local_link: bool = False  # hard-link images instead of copying (same filesystem only)
+
+    def __post_init__(self) -> None:
+        if self.source not in ("synthetic", "coco", "local"):
+            raise ValueError(f"source: must be synthetic, coco or local, got {self.source!r}")
+        if self.max_images is not None and self.max_images < 1:
+            raise ValueError(f"max_images: must be >= 1 or null, got {self.max_images}")
+        if self.download_workers < 1 or self.retries < 0 or self.timeout_s <= 0:
+            raise ValueError("download_workers must be >= 1, retries >= 0 and timeout_s > 0")
+        if self.synthetic_train_images < 1 or self.synthetic_val_images < 1:
+            raise ValueError("synthetic_train_images and synthetic_val_images: must be >= 1")
+        if min(self.synthetic_width, self.synthetic_height) < 64:
+            raise ValueError("synthetic_width and synthetic_height: must be >= 64 pixels")
+        if self.train_split == self.val_split:
+            raise ValueError(f"train_split and val_split must differ, both are {self.train_split!r}")
 
 
 @dataclass(frozen=True)
@@ -54,7 +70,13 @@ class PreprocessConfig:
 
     workers: int = 0  # processes; 0 = all cores
     jpeg_quality: int = 95
-    use_ray: bool = False  # run on the Ray cluster named by RAY_ADDRESS
+    use_ray: bool = False  # Ray tasks on the cluster at RAY_ADDRESS (a local one if unset); RAY_ADDRESS alone also does
+
+    def __post_init__(self) -> None:
+        if self.workers < 0:
+            raise ValueError(f"workers: must be >= 0 (0 = all cores), got {self.workers}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality: must be in 1..100, got {self.jpeg_quality}")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,82 @@
+"""Stage fetch's machinery: one COCO-layout folder, whatever ``data.source`` is.
+
+=============  ==============================================================
+data.source    what fills the folder
+=============  ==============================================================
+synthetic      `pipeline.synthetic` (the embedded default; no network)
+coco           `pipeline.coco_fetch` (cocodataset.org or a mirror; data.base_url)
+local          `pipeline.local_source` (a folder named by ``--local-dir``)
+=============  ==============================================================
+
+The folder is built in a temporary sibling and renamed onto the target when complete
+(`pipeline.atomic_dir`), so a failed fetch leaves either the previous output or nothing.
+Downloads live in a separate folder (default ``<out>.downloads``) that outlives a failed run
+so that the next one resumes; it is deleted when a fetch succeeds.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.atomic_dir import atomic_directory
+from pipeline.coco_fetch import fetch_coco
+from pipeline.coco_format import annotation_path, missing_images, read_coco
+from pipeline.config import ConfigError, DataConfig
+from pipeline.local_source import copy_local
+from pipeline.synthetic import generate_synthetic
+
+
+@dataclass(frozen=True)
+class SplitSummary:
+    """What one split of the fetched folder holds."""
+
+    split: str
+    images: int
+    annotations: int
+    categories: int
+    missing_files: tuple[str, ...]  # file_names listed in the annotations but absent on disk
+
+
+def fetch_dataset(
+    cfg: DataConfig,
+    out: str | Path,
+    *,
+    local_dir: str | Path | None = None,
+    downloads: str | Path | None = None,
+    progress: bool = True,
+) -> list[SplitSummary]:
+    """Fill ``out`` with ``annotations/instances_<split>.json`` and ``<split>/`` for both splits.
+
+    ``local_dir`` is required for, and only allowed with, ``data.source: local``. Raises
+    `ConfigError` for a source/argument mismatch, and the source's own error (`FetchError`,
+    `DownloadError`, `ArchiveError`, `CocoFormatError`) naming the URL or file otherwise.
+    """
+    out = Path(out)
+    if cfg.source == "local" and local_dir is None:
+        raise ConfigError("data.source is 'local': name the COCO-layout folder with --local-dir DIR")
+    if cfg.source != "local" and local_dir is not None:
+        raise ConfigError(f"--local-dir is given but data.source is {cfg.source!r}: set data.source: local")
+    downloads = Path(downloads) if downloads is not None else out.with_name(out.name + ".downloads")
+    with atomic_directory(out) as tmp:
+        if cfg.source == "synthetic":
+            generate_synthetic(cfg, tmp, progress=progress)
+        elif cfg.source == "coco":
+            fetch_coco(cfg, tmp, downloads, progress=progress)
+        else:
+            copy_local(cfg, Path(local_dir), tmp, progress=progress)  # type: ignore[arg-type]
+        summaries = [_summarise(tmp, split) for split in (cfg.train_split, cfg.val_split)]
+    shutil.rmtree(downloads, ignore_errors=True)
+    return summaries
+
+
+def _summarise(root: Path, split: str) -> SplitSummary:
+    coco = read_coco(annotation_path(root, split))
+    return SplitSummary(
+        split=split,
+        images=len(coco["images"]),
+        annotations=len(coco["annotations"]),
+        categories=len(coco["categories"]),
+        missing_files=tuple(missing_images(root, split, coco)),
+    )

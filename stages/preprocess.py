@@ -1,0 +1,85 @@
+"""Stage preprocess: the fetched COCO folder into resized images + index files for training.
+
+Run (dvc.yaml does this)::
+
+    python -m stages.preprocess --params params.yaml --coco data/coco --out data/preprocessed
+
+Resizes every image of data.train_split and data.val_split to the model's scale
+(model.min_size / model.max_size), moves the boxes into that frame, maps COCO category ids to
+labels 1..K, and writes ``<out>/<split>/{images/,index.json}``, ``categories.json``,
+``report.json`` (problems per file, counts) and ``manifest.json`` (``data_hash``); see
+`pipeline.preprocess`. Runs on every core (preprocess.workers; 0 = all). On a Ray cluster:
+set ``preprocess.use_ray: true`` or ``RAY_ADDRESS=ray://host:10001`` (images travel to the
+tasks as bytes, so nodes need the project installed but no shared filesystem). No GPU needed.
+
+Bad images and annotations are skipped and reported; a malformed annotation file or a split
+without a usable image exits 1 naming the file.
+
+Params read: data.{train_split, val_split}, model.{min_size, max_size, num_classes},
+preprocess.{workers, jpeg_quality, use_ray}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.coco_format import CocoFormatError
+from pipeline.config import ConfigError, load_params
+from pipeline.preprocess import PreprocessError, preprocess_dataset
+
+SHOWN_PROBLEMS = 10
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m stages.preprocess", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--params", default="params.yaml", help="params file (sections data:, preprocess:, model:)"
+    )
+    parser.add_argument(
+        "--coco", required=True, help="COCO-layout folder written by stage fetch, e.g. data/coco"
+    )
+    parser.add_argument("--out", required=True, help="folder to write, e.g. data/preprocessed")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        params = load_params(args.params)
+        summary = preprocess_dataset(
+            args.coco,
+            args.out,
+            splits=(params.data.train_split, params.data.val_split),
+            min_size=params.model.min_size,
+            max_size=params.model.max_size,
+            cfg=params.preprocess,
+        )
+    except (ConfigError, CocoFormatError, PreprocessError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    for problem in summary.problems[:SHOWN_PROBLEMS]:
+        print(f"warning: {problem['message']}", file=sys.stderr)
+    if len(summary.problems) > SHOWN_PROBLEMS:
+        print(
+            f"warning: ... {len(summary.problems) - SHOWN_PROBLEMS} more in {args.out}/report.json",
+            file=sys.stderr,
+        )
+    for split, counts in summary.counts.items():
+        print(
+            f"{args.out}/{split}: {counts['images_written']} images ({counts['images_skipped']} skipped, "
+            f"{counts['images_converted']} converted to RGB), {counts['boxes']} boxes, "
+            f"{counts['crowd_boxes']} crowd, {counts['boxes_dropped']} dropped"
+        )
+    print(f"data_hash {summary.data_hash}")
+    if params.model.num_classes != summary.num_classes:
+        print(
+            f"warning: model.num_classes is {params.model.num_classes} but the data has {summary.num_classes} "
+            "categories: set model.num_classes to match before training",
+            file=sys.stderr,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

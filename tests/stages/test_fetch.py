@@ -1,0 +1,161 @@
+"""Stage fetch end to end: coco-mini served like cocodataset.org from a real HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+from coco_host import lay_out_like_cocodataset, serve
+
+from stages.fetch import main
+
+SPLITS = ("train2017", "val2017")
+
+
+@pytest.fixture(scope="module")
+def coco_host_root(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
+    return lay_out_like_cocodataset(shared_data / "coco-mini", tmp_path_factory.mktemp("cocodataset"))
+
+
+def params(tmp_path: Path, **data: object) -> str:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"data": data}))
+    return str(path)
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_whole_zips(coco_host_root: Path, shared_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "data" / "coco"
+    with serve(coco_host_root) as host:
+        assert main(["--params", params(tmp_path, source="coco", base_url=host.url), "--out", str(out)]) == 0
+    assert sorted(path for path, _ in host.requests) == [
+        "annotations/annotations_trainval2017.zip", "zips/train2017.zip", "zips/val2017.zip",
+    ]  # fmt: skip
+    mini = shared_data / "coco-mini"
+    for split in SPLITS:
+        name = f"annotations/instances_{split}.json"
+        assert (out / name).read_bytes() == (mini / name).read_bytes()
+        assert sorted(p.name for p in (out / split).iterdir()) == sorted(
+            p.name for p in (mini / split).iterdir()
+        )
+    assert (out / "val2017" / "000000005001.jpg").read_bytes() == (
+        mini / "val2017" / "000000005001.jpg"
+    ).read_bytes()
+    assert sorted(p.name for p in out.iterdir()) == ["annotations", "train2017", "val2017"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["coco"]  # no temporary, no downloads left
+
+
+def test_max_images_downloads_only_those_images(
+    coco_host_root: Path, shared_data: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "coco"
+    with serve(coco_host_root) as host:
+        argv = [
+            "--params",
+            params(tmp_path, source="coco", base_url=host.url, max_images=5, download_workers=3),
+        ]
+        assert main([*argv, "--out", str(out)]) == 0
+    fetched = [path for path, _ in host.requests]
+    assert not any(path.startswith("zips/") for path in fetched)
+    for split in SPLITS:
+        original = json.loads(
+            (shared_data / "coco-mini" / "annotations" / f"instances_{split}.json").read_text()
+        )
+        subset = json.loads((out / "annotations" / f"instances_{split}.json").read_text())
+        first = original["images"][:5]
+        assert subset["images"] == first
+        ids = {image["id"] for image in first}
+        assert subset["annotations"] == [a for a in original["annotations"] if a["image_id"] in ids]
+        assert subset["categories"] == original["categories"]
+        assert sorted(p.name for p in (out / split).iterdir()) == sorted(
+            image["file_name"] for image in first
+        )
+        assert sorted(p for p in fetched if p.startswith(f"{split}/")) == sorted(
+            f"{split}/{i['file_name']}" for i in first
+        )
+
+
+def test_interrupted_download_resumes_on_the_next_run(coco_host_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "coco"
+    zip_size = (coco_host_root / "zips" / "val2017.zip").stat().st_size
+    with serve(coco_host_root, drop_first={"zips/val2017.zip": 3_000_000}) as host:
+        argv = ["--params", params(tmp_path, source="coco", base_url=host.url, retries=0), "--out", str(out)]
+        assert main(argv) == 1  # the connection dropped and no retry was allowed
+        assert not out.exists() and leftovers(tmp_path) == []  # no half output
+        part = tmp_path / "coco.downloads" / "val2017.zip.part"
+        assert part.stat().st_size == 3_000_000
+        assert main(argv) == 0
+    assert ("zips/val2017.zip", "bytes=3000000-") in host.requests
+    assert [p for p, _ in host.requests].count(
+        "annotations/annotations_trainval2017.zip"
+    ) == 1  # kept, not fetched again
+    assert len(list((out / "val2017").iterdir())) == 80 and zip_size > 3_000_000
+    assert not (tmp_path / "coco.downloads").exists()
+
+
+def test_hostile_zip_is_refused_and_leaves_nothing(coco_host_root: Path, tmp_path: Path, capsys) -> None:
+    root = tmp_path / "host"
+    (root / "annotations").mkdir(parents=True)
+    with zipfile.ZipFile(root / "annotations" / "annotations_trainval2017.zip", "w") as zf:
+        zf.writestr("annotations/instances_val2017.json", "{}")
+        zf.writestr("../../escaped.txt", "owned")
+    out = tmp_path / "data" / "coco"
+    with serve(root) as host:
+        assert main(["--params", params(tmp_path, source="coco", base_url=host.url), "--out", str(out)]) == 1
+    assert "refusing to extract entry '../../escaped.txt'" in capsys.readouterr().err
+    assert not out.exists() and leftovers(out.parent) == []
+    assert not list(tmp_path.rglob("escaped.txt"))
+
+
+def test_offline_fails_at_once_saying_what_to_change(tmp_path: Path, repo_root: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens once the socket is closed
+    url = f"http://127.0.0.1:{port}"
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.fetch", "--params", params(tmp_path, source="coco", base_url=url),
+         "--out", str(tmp_path / "coco")],
+        cwd=repo_root, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    err = result.stderr
+    assert f"cannot reach {url}/annotations/annotations_trainval2017.zip" in err
+    assert "data.base_url" in err and "data.source: local" in err and "--local-dir" in err
+    assert not (tmp_path / "coco").exists()
+
+
+def test_local_source_copies_and_subsets(shared_data: Path, tmp_path: Path, capsys) -> None:
+    mini = shared_data / "coco-mini"
+    out = tmp_path / "coco"
+    argv = ["--params", params(tmp_path, source="local", max_images=3), "--out", str(out)]
+    assert main([*argv, "--local-dir", str(mini)]) == 0
+    for split in SPLITS:
+        assert len(json.loads((out / "annotations" / f"instances_{split}.json").read_text())["images"]) == 3
+        assert len(list((out / split).iterdir())) == 3
+    assert main(argv) == 1
+    assert (
+        "data.source is 'local': name the COCO-layout folder with --local-dir DIR" in capsys.readouterr().err
+    )
+    assert main([*argv, "--local-dir", str(tmp_path / "nowhere")]) == 1
+    assert "nowhere: --local-dir is not a directory" in capsys.readouterr().err
+
+
+def test_synthetic_source_and_local_dir_mismatch(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "coco"
+    argv = ["--params", params(tmp_path, synthetic_train_images=3, synthetic_val_images=2), "--out", str(out)]
+    assert main(argv) == 0
+    assert len(json.loads((out / "annotations" / "instances_val2017.json").read_text())["images"]) == 2
+    assert main([*argv, "--local-dir", str(tmp_path)]) == 1
+    assert "--local-dir is given but data.source is 'synthetic'" in capsys.readouterr().err
+    assert (
+        out / "annotations" / "instances_train2017.json"
+    ).is_file()  # a failed run keeps the previous output

@@ -1,0 +1,123 @@
+"""Stage preprocess end to end on real COCO (coco-mini): scale, boxes, crowd, labels, Ray, failures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import PreprocessConfig
+from pipeline.preprocess import preprocess_dataset
+from stages.preprocess import main
+
+MIN_SIZE, MAX_SIZE = 320, 512  # small for speed; the rule is the same as at 800/1333
+
+
+def params(tmp_path: Path, **preprocess: object) -> str:
+    path = tmp_path / "params.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "preprocess": {"workers": 2, **preprocess},
+                "model": {"min_size": MIN_SIZE, "max_size": MAX_SIZE},
+            }
+        )
+    )
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def coco_mini(shared_data: Path) -> Path:
+    return shared_data / "coco-mini"
+
+
+@pytest.fixture(scope="module")
+def preprocessed(coco_mini: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("stage-preprocess")
+    out = base / "pre"
+    assert main(["--params", params(base), "--coco", str(coco_mini), "--out", str(out)]) == 0
+    return out
+
+
+def test_real_coco_is_resized_with_boxes_in_the_new_frame(preprocessed: Path, coco_mini: Path) -> None:
+    coco = json.loads((coco_mini / "annotations" / "instances_val2017.json").read_text())
+    index = json.loads((preprocessed / "val2017" / "index.json").read_text())
+    assert index["annotation_file"] == str(coco_mini / "annotations" / "instances_val2017.json")
+    assert len(index["images"]) == 80
+    images = {image["id"]: image for image in coco["images"]}
+    categories = json.loads((preprocessed / "categories.json").read_text())
+    label_of = {c["id"]: c["label"] for c in categories}
+    assert len(categories) == 80 and max(label_of) == 90 and sorted(label_of.values()) == list(range(1, 81))
+    portrait = 0
+    for record in index["images"]:
+        w, h = images[record["image_id"]]["width"], images[record["image_id"]]["height"]
+        assert (record["orig_width"], record["orig_height"]) == (w, h)
+        assert (
+            min(record["width"], record["height"]) == MIN_SIZE
+            or max(record["width"], record["height"]) == MAX_SIZE
+        )
+        assert max(record["width"], record["height"]) <= MAX_SIZE
+        assert record["scale_x"] == record["width"] / w and record["scale_y"] == record["height"] / h
+        portrait += record["aspect_ratio"] < 1
+        anns = [a for a in coco["annotations"] if a["image_id"] == record["image_id"]]
+        plain = [a for a in anns if not a["iscrowd"]]
+        assert len(record["boxes"]) == len(plain) and len(record["crowd_boxes"]) == len(anns) - len(plain)
+        for box, label, ann in zip(record["boxes"], record["labels"], plain, strict=True):
+            x, y, bw, bh = ann["bbox"]
+            back = [
+                box[0] / record["scale_x"],
+                box[1] / record["scale_y"],
+                box[2] / record["scale_x"],
+                box[3] / record["scale_y"],
+            ]
+            assert back == pytest.approx([x, y, min(x + bw, w), min(y + bh, h)], abs=0.02)
+            assert label == label_of[ann["category_id"]]
+    assert portrait == 16
+    report = json.loads((preprocessed / "report.json").read_text())
+    assert (
+        report["counts"]["val2017"]["crowd_boxes"] == 11 and report["counts"]["train2017"]["crowd_boxes"] == 1
+    )
+    assert (
+        report["counts"]["val2017"]["images_skipped"] == 0
+        and report["counts"]["train2017"]["images_written"] == 16
+    )
+
+
+def test_ray_tasks_give_the_same_output(preprocessed: Path, coco_mini: Path, tmp_path: Path) -> None:
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        summary = preprocess_dataset(
+            coco_mini, tmp_path / "pre", splits=("train2017", "val2017"), min_size=MIN_SIZE, max_size=MAX_SIZE,
+            cfg=PreprocessConfig(use_ray=True), progress=False,
+        )  # fmt: skip
+    finally:
+        ray.shutdown()
+    expected = json.loads((preprocessed / "manifest.json").read_text())["data_hash"]
+    assert summary.data_hash == expected
+
+
+def test_malformed_json_exits_1_naming_the_file(coco_mini: Path, tmp_path: Path, repo_root: Path) -> None:
+    coco = tmp_path / "coco"
+    (coco / "annotations").mkdir(parents=True)
+    (coco / "val2017").symlink_to(coco_mini / "val2017")
+    (coco / "train2017").symlink_to(coco_mini / "train2017")
+    (coco / "annotations" / "instances_train2017.json").write_bytes(
+        (coco_mini / "annotations" / "instances_train2017.json").read_bytes()
+    )
+    broken = coco / "annotations" / "instances_val2017.json"
+    broken.write_text(
+        (coco_mini / "annotations" / "instances_val2017.json").read_text()[:5000]
+    )  # cut mid-file
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.preprocess", "--params", params(tmp_path), "--coco", str(coco),
+         "--out", str(tmp_path / "pre")],
+        cwd=repo_root, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert f"error: {broken}: not valid JSON" in result.stderr
+    assert not (tmp_path / "pre").exists()
