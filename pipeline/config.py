@@ -117,6 +117,17 @@ class EvaluateConfig:
     num_pictures: int = 6
     draw_score_thresh: float = 0.5
 
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.num_workers < 0 or self.num_pictures < 0:
+            raise ValueError(
+                f"need batch_size >= 1, num_workers >= 0, num_pictures >= 0; got "
+                f"{self.batch_size}, {self.num_workers}, {self.num_pictures}"
+            )
+        if not 0.0 <= self.draw_score_thresh <= 1.0:
+            raise ValueError(f"draw_score_thresh: must be in [0, 1], got {self.draw_score_thresh}")
+        if not self.registered_model.strip():
+            raise ValueError("registered_model: must be a non-empty MLflow model name")
+
 
 @dataclass(frozen=True)
 class ProfileConfig:

@@ -1,0 +1,89 @@
+"""pipeline.inference: frame and label mapping, the preprocessed-split reader, Ray shards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.dataset import DatasetError
+from pipeline.inference import (
+    ImageDetections,
+    InferenceError,
+    coco_results,
+    image_to_tensor,
+    predict_split,
+    proposal_results,
+    read_index,
+    to_original_frame,
+)
+from tests.detection_samples import read_categories, synthetic_preprocessed, tiny_model_file
+
+CATEGORIES = [{"label": 1, "id": 18, "name": "dog"}, {"label": 2, "id": 90, "name": "toothbrush"}]
+
+
+def detections(boxes: list[list[float]], labels: list[int]) -> ImageDetections:
+    n = len(boxes)
+    return ImageDetections(
+        image_id=-1,
+        boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+        scores=np.linspace(0.9, 0.5, n, dtype=np.float32),
+        labels=np.asarray(labels, dtype=np.int64),
+        proposals=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+        proposal_scores=np.ones(n, dtype=np.float32),
+    )
+
+
+def test_original_frame_and_coco_ids() -> None:
+    resized = detections([[10, 20, 30, 60]], [2])
+    original = to_original_frame(resized, 7, scale_x=0.5, scale_y=2.0)
+    assert original.image_id == 7
+    np.testing.assert_allclose(original.boxes, [[20, 10, 60, 30]])
+    assert coco_results([original], CATEGORIES) == [
+        {"image_id": 7, "category_id": 90, "bbox": [20.0, 10.0, 40.0, 20.0], "score": 0.9}
+    ]
+    assert proposal_results([original]) == [{"image_id": 7, "bbox": [20.0, 10.0, 40.0, 20.0], "score": 1.0}]
+    assert coco_results([to_original_frame(detections([], []), 8, 1.0, 1.0)], CATEGORIES) == []
+
+
+def test_unknown_label_is_an_error() -> None:
+    with pytest.raises(InferenceError, match=r"label\(s\) \[3\]"):
+        coco_results([detections([[0, 0, 1, 1]], [3])], CATEGORIES)
+
+
+def test_any_image_mode_becomes_three_channels() -> None:
+    grey = Image.new("L", (7, 5), color=128)
+    tensor = image_to_tensor(grey)
+    assert tensor.shape == (3, 5, 7) and float(tensor.max()) == pytest.approx(128 / 255)
+    assert image_to_tensor(Image.new("RGBA", (4, 4))).shape == (3, 4, 4)
+
+
+def test_read_index_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match=f"{tmp_path}/val2017/index.json: not found"):
+        read_index(tmp_path, "val2017")
+    (tmp_path / "val2017").mkdir()
+    (tmp_path / "val2017" / "index.json").write_text(
+        json.dumps({"annotation_file": "x", "images": [{"image_id": 1}]})
+    )
+    with pytest.raises(InferenceError, match=r"images\[0\] lacks 'file'"):
+        read_index(tmp_path, "val2017")
+
+
+@pytest.mark.slow
+def test_ray_shards_give_the_same_detections_as_one_process(tmp_path: Path) -> None:
+    root = synthetic_preprocessed(tmp_path, images=4)
+    model = tiny_model_file(tmp_path / "model.pt", read_categories(root))
+    local = predict_split(model, root, "val2017", batch_size=1)
+    on_ray = predict_split(model, root, "val2017", batch_size=1, num_workers=2)
+    assert on_ray.num_workers == 2 and len(on_ray.detections) == 4
+    assert [d.image_id for d in on_ray.detections] == [d.image_id for d in local.detections]
+    for a, b in zip(local.detections, on_ray.detections, strict=True):
+        assert len(a.boxes) > 0
+        np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-4)
+        # Proposals of (nearly) equal score may swap places between thread counts: compare as sets.
+        as_set = lambda boxes: boxes[np.lexsort(boxes.T[::-1])]  # noqa: E731
+        np.testing.assert_allclose(as_set(a.proposals), as_set(b.proposals), atol=1e-4)
+        np.testing.assert_array_equal(a.labels, b.labels)

@@ -1,0 +1,108 @@
+"""python -m stages.predict: from a model file and from the registry's champion."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import mlflow
+import pytest
+from PIL import Image
+
+from pipeline.mlflow_model import log_detector
+from pipeline.registry import register_model, use_tracking
+from stages import predict
+from tests.detection_samples import read_categories, synthetic_preprocessed, tiny_model_file
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    """A tiny model for the synthetic classes, two original synthetic images (200x160) and a greyscale one."""
+    tmp = tmp_path_factory.mktemp("predict")
+    root = synthetic_preprocessed(tmp, images=2)
+    model = tiny_model_file(tmp / "model.pt", read_categories(root))
+    images = sorted((tmp / "coco" / "val2017").glob("*.jpg"))
+    grey = tmp / "grey.png"
+    Image.open(images[0]).convert("L").resize((90, 120)).save(grey)
+    return model, [*images, grey]
+
+
+def test_predict_from_a_model_file(inputs: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    model, images = inputs
+    subprocess.run(
+        [sys.executable, "-m", "stages.predict", "--model", str(model), "--out", str(tmp_path / "out"),
+         "--score-thresh", "0", *map(str, images)],
+        check=True, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    report = json.loads((tmp_path / "out" / "detections.json").read_text())
+    assert [entry["file"] for entry in report["images"]] == list(map(str, images))
+    assert (report["images"][-1]["width"], report["images"][-1]["height"]) == (90, 120)
+    for entry in report["images"]:
+        assert (tmp_path / "out" / f"{Path(entry['file']).stem}.jpg").is_file()
+        assert entry["detections"], "a random model with score threshold 0 still detects"
+        for det in entry["detections"]:
+            x1, y1, x2, y2 = det["bbox_xyxy"]
+            assert 0 <= x1 <= x2 <= entry["width"] and 0 <= y1 <= y2 <= entry["height"]  # original pixels
+            assert (det["category_id"], det["category_name"]) in {
+                (2, "circle"),
+                (5, "square"),
+                (9, "triangle"),
+            }
+    with Image.open(tmp_path / "out" / "grey.jpg") as drawn:
+        assert drawn.size == (90, 120) and drawn.mode == "RGB"
+
+
+def test_predict_from_the_registry_matches_the_file(
+    inputs: tuple[Path, list[Path]], tmp_path: Path, mlflow_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, images = inputs
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    use_tracking()
+    name = f"fpn-test-{uuid.uuid4().hex[:8]}"
+    mlflow.set_experiment("predict-tests")
+    with mlflow.start_run():
+        uri = log_detector(model).model_uri
+    register_model(
+        uri, name=name, metrics={"AP": 0.1}, params={}, data_hash=None, val_data_hash="d", git_commit=None
+    )
+
+    assert (
+        predict.main(
+            [
+                "--model",
+                str(model),
+                "--out",
+                str(tmp_path / "file"),
+                "--score-thresh",
+                "0.0",
+                *map(str, images),
+            ]
+        )
+        == 0
+    )
+    champion = f"models:/{name}@champion"
+    assert (
+        predict.main(
+            ["--model", champion, "--out", str(tmp_path / "reg"), "--score-thresh", "0.0", *map(str, images)]
+        )
+        == 0
+    )
+    from_file = json.loads((tmp_path / "file" / "detections.json").read_text())
+    from_registry = json.loads((tmp_path / "reg" / "detections.json").read_text())
+    assert from_registry["model"] == champion
+    assert from_registry["images"] == from_file["images"]
+
+
+def test_bad_model_and_image_get_clear_errors(
+    inputs: tuple[Path, list[Path]], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    model, images = inputs
+    assert predict.main(["--model", str(tmp_path / "none.pt"), "--out", str(tmp_path), str(images[0])]) == 2
+    assert f"{tmp_path / 'none.pt'}: model file not found" in capsys.readouterr().err
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not really a jpeg")
+    assert predict.main(["--model", str(model), "--out", str(tmp_path / "out"), str(broken)]) == 2
+    assert f"{broken}: cannot read image" in capsys.readouterr().err
