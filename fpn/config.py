@@ -97,6 +97,9 @@ class ModelConfig:
     box_score_thresh: float = 0.05
     box_nms_iou: float = 0.5
     detections_per_image: int = 100
+    # Execution: run the convolutions in NHWC memory format (faster with oneDNN on CPU and
+    # tensor cores on GPU); results differ from NCHW by float rounding only.
+    channels_last: bool = True
 
     def __post_init__(self) -> None:
         # Lists (e.g. from YAML or keyword arguments) become tuples: hashable, comparable.
@@ -146,8 +149,9 @@ class ModelConfig:
         self._choice("backbone", BACKBONES, "backbone")
         self._choice("norm", NORMS, "norm")
         self._choice("pyramid", PYRAMIDS, "pyramid")
-        if not isinstance(self.shared_rpn_head, bool):
-            raise self._error("shared_rpn_head", f"expected true or false, got {self.shared_rpn_head!r}")
+        for name in ("shared_rpn_head", "channels_last"):
+            if not isinstance(getattr(self, name), bool):
+                raise self._error(name, f"expected true or false, got {getattr(self, name)!r}")
         self._number("trainable_stages", integer=True, low=0, high=5)
         for name in (
             "fpn_channels",
@@ -211,8 +215,9 @@ class ModelConfig:
 
     @classmethod
     def torchvision(cls) -> ModelConfig:
-        """The config mirroring torchvision's ``fasterrcnn_resnet50_fpn`` (91 outputs)."""
-        return cls(num_classes=90)
+        """The config mirroring torchvision's ``fasterrcnn_resnet50_fpn`` (91 outputs, frozen
+        BN, 3 trainable stages, NCHW convolutions so the arithmetic is the same)."""
+        return cls(num_classes=90, channels_last=False)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, where: str = "model") -> ModelConfig:

@@ -84,7 +84,11 @@ class MultiLevelRoIAlign(nn.Module):
                 for i, b in enumerate(boxes)
             ]
         )
-        rois = torch.cat([image_ids, all_boxes.to(first.dtype)], dim=1)  # (R, 5): image index, x1, y1, x2, y2
+        rois = torch.cat(
+            [image_ids.to(all_boxes.dtype), all_boxes], dim=1
+        )  # (R, 5): image index, x1, y1, x2, y2
+        if not torch.is_autocast_enabled(first.device.type):
+            rois = rois.to(first.dtype)  # under autocast roi_align runs in float32 and casts both itself
         if len(self.levels) == 1:
             return self._pool(first, rois, self.levels[0])
         levels = assign_levels(

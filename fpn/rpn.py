@@ -150,7 +150,7 @@ class RPN(nn.Module):
         logits, deltas = self.head(maps)
         n = maps[0].shape[0]
         grids = {k: tuple(x.shape[-2:]) for k, x in zip(self.levels, maps, strict=True)}
-        anchors = self.anchor_generator(grids, batch_size_hw, maps[0].device, maps[0].dtype)
+        anchors = self.anchor_generator(grids, batch_size_hw, maps[0].device, torch.float32)
         anchors = [anchors[k] for k in self.levels]  # L x (H_l*W_l*A, 4)
         logits = [x.permute(0, 2, 3, 1).reshape(n, -1) for x in logits]  # L x (N, H_l*W_l*A)
         deltas = [
@@ -187,8 +187,9 @@ class RPN(nn.Module):
             k = min(pre_topk, lg.shape[1])
             top_logits, top_idx = lg.detach().topk(k, dim=1)  # (N, k)
             top_deltas = torch.gather(dl.detach(), 1, top_idx[..., None].expand(n, k, 4))  # (N, k, 4)
+            # Decoded in float32 whatever the features' dtype (AMP): coordinates reach ~1e3 px.
             boxes = decode_boxes(
-                top_deltas.reshape(-1, 4), an[top_idx.reshape(-1)], RPN_WEIGHTS
+                top_deltas.reshape(-1, 4).float(), an[top_idx.reshape(-1)], RPN_WEIGHTS
             )  # (N*k, 1, 4)
             level_boxes.append(boxes.view(n, k, 4))
             level_scores.append(top_logits)
@@ -201,7 +202,7 @@ class RPN(nn.Module):
             boxes = clip_boxes(boxes, size)
             keep = nonempty_mask(boxes, MIN_PROPOSAL_SIZE) & (probs >= self.score_thresh)
             boxes, probs, ids = boxes[keep], probs[keep], ids_all[keep]
-            keep = batched_nms(boxes.float(), probs, ids, self.nms_iou)[:post_topk]
+            keep = batched_nms(boxes, probs, ids, self.nms_iou)[:post_topk]
             proposals.append(boxes[keep])
             scores.append(probs[keep])
         return proposals, scores
