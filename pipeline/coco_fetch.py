@@ -59,6 +59,7 @@ def fetch_coco(cfg: DataConfig, out: Path, downloads: Path, *, progress: bool = 
         missing = sorted(name for name in wanted if not (out / name).is_file())
         if missing:
             raise FetchError(f"{archive}: has no {', '.join(missing)} (data.train_split / data.val_split)")
+        placed: list[tuple[Path, Path]] = []  # (downloaded image, its place in out)
         for split in splits:
             if cfg.max_images is None:
                 archive = _get(cfg, f"zips/{split}.zip", downloads, progress)
@@ -68,21 +69,18 @@ def fetch_coco(cfg: DataConfig, out: Path, downloads: Path, *, progress: bool = 
                 continue
             coco = first_images(read_coco(annotation_path(out, split)), cfg.max_images)
             write_json(annotation_path(out, split), coco)
-            jobs = [
-                (
-                    f"{base}/{split}/{urllib.parse.quote(image['file_name'])}",
-                    downloads / split / image["file_name"],
-                )
-                for image in coco["images"]
-            ]
+            names = [image["file_name"] for image in coco["images"]]
             download_many(
-                jobs, workers=cfg.download_workers, timeout_s=cfg.timeout_s, retries=cfg.retries,
+                [(f"{base}/{split}/{urllib.parse.quote(name)}", downloads / split / name) for name in names],
+                workers=cfg.download_workers, timeout_s=cfg.timeout_s, retries=cfg.retries,
                 desc=f"images {split}", progress=progress,
             )  # fmt: skip
-            for _, source in jobs:
-                target = image_dir(out, split) / source.relative_to(downloads / split)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(source, target)
+            placed += [(downloads / split / name, image_dir(out, split) / name) for name in names]
+        # Images leave the downloads folder only when every split is whole: a failure above
+        # deletes `out`, and the next run must still find them there.
+        for source, target in placed:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(source, target)
     except UnreachableError as err:
         raise FetchError(
             f"{err}. Stage fetch downloads COCO from data.base_url ({cfg.base_url}). If this machine is "

@@ -10,8 +10,9 @@ local          `pipeline.local_source` (a folder named by ``--local-dir``)
 
 The folder is built in a temporary sibling and renamed onto the target when complete
 (`pipeline.atomic_dir`), so a failed fetch leaves either the previous output or nothing.
-Downloads live in a separate folder (default ``<out>.downloads``) that outlives a failed run
-so that the next one resumes; it is deleted when a fetch succeeds.
+Downloads live in a separate folder that outlives a failed run so that the next one resumes:
+by default ``<out>.downloads``, deleted when a fetch succeeds; a folder given as
+``downloads`` is kept (a cache of the archives for later runs).
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def fetch_dataset(
         raise ConfigError("data.source is 'local': name the COCO-layout folder with --local-dir DIR")
     if cfg.source != "local" and local_dir is not None:
         raise ConfigError(f"--local-dir is given but data.source is {cfg.source!r}: set data.source: local")
-    downloads = Path(downloads) if downloads is not None else out.with_name(out.name + ".downloads")
+    own_downloads = downloads is None
+    downloads = out.with_name(out.name + ".downloads") if downloads is None else Path(downloads)
     with atomic_directory(out) as tmp:
         if cfg.source == "synthetic":
             generate_synthetic(cfg, tmp, progress=progress)
@@ -67,7 +69,8 @@ def fetch_dataset(
         else:
             copy_local(cfg, Path(local_dir), tmp, progress=progress)  # type: ignore[arg-type]
         summaries = [_summarise(tmp, split) for split in (cfg.train_split, cfg.val_split)]
-    shutil.rmtree(downloads, ignore_errors=True)
+    if own_downloads:  # a folder the user named (--downloads) is theirs: kept, e.g. as a cache of the zips
+        shutil.rmtree(downloads, ignore_errors=True)
     return summaries
 
 

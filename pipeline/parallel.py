@@ -16,6 +16,8 @@ generator over data much larger than memory, e.g. the bytes of COCO's 118k image
 from __future__ import annotations
 
 import os
+import re
+import socket
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -23,6 +25,10 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+class ParallelError(RuntimeError):
+    """The requested parallel backend is not available (e.g. no Ray cluster at RAY_ADDRESS)."""
 
 
 def available_cores() -> int:
@@ -65,7 +71,13 @@ def _ray_map(fn: Callable[..., R], chunks: Iterable[T], args: tuple[Any, ...]) -
 
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False)
+        address = os.environ.get("RAY_ADDRESS") or None
+        _check_reachable(address)
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            where = f"the Ray cluster at RAY_ADDRESS={address}" if address else "a local Ray cluster"
+            raise ParallelError(f"cannot start or join {where}: {err}") from None
     try:
         task = ray.remote(num_cpus=1)(fn)
         shared_args = [ray.put(a) for a in args]
@@ -74,6 +86,17 @@ def _ray_map(fn: Callable[..., R], chunks: Iterable[T], args: tuple[Any, ...]) -
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _check_reachable(address: str | None) -> None:
+    """Fail at once on a ``host:port`` RAY_ADDRESS nothing listens on (Ray itself retries for minutes)."""
+    match = re.fullmatch(r"([^:/]+):(\d+)", address or "")
+    if not match:  # unset, "auto", "local" or ray://: left to Ray
+        return
+    try:
+        socket.create_connection((match.group(1), int(match.group(2))), timeout=5).close()
+    except OSError as err:
+        raise ParallelError(f"cannot reach the Ray cluster at RAY_ADDRESS={address} ({err})") from None
 
 
 def _windowed(

@@ -10,7 +10,8 @@ data.train_split and data.val_split, built beside ``<out>`` and renamed when com
 * ``data.source: synthetic`` (default): generated shapes, seconds, no network.
 * ``data.source: coco``: COCO 2017 from data.base_url; with ``data.max_images: 500`` only the
   first 500 images of each split (one by one, in parallel) instead of the 19 GB zips.
-  Interrupted downloads resume from ``<out>.downloads`` (or ``--downloads DIR``) on the next run.
+  Interrupted downloads resume from ``<out>.downloads`` on the next run (deleted after success);
+  ``--downloads DIR`` names another folder, which is kept as a cache of the zips.
 * ``data.source: local``: a COCO-layout folder already on disk, given as ``--local-dir DIR``
   (also list it under the stage's ``deps:`` in dvc.yaml so DVC notices when it changes).
 
@@ -40,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="COCO-layout folder to write, e.g. data/coco")
     parser.add_argument("--local-dir", help="data.source: local: the COCO-layout folder to copy")
     parser.add_argument(
-        "--downloads", help="where partial downloads wait for a resume (default <out>.downloads)"
+        "--downloads",
+        help="where downloads wait for a resume; kept as a cache (default <out>.downloads, deleted after success)",
     )
     return parser
 

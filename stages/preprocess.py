@@ -26,6 +26,7 @@ import sys
 
 from pipeline.coco_format import CocoFormatError
 from pipeline.config import ConfigError, load_params
+from pipeline.parallel import ParallelError
 from pipeline.preprocess import PreprocessError, preprocess_dataset
 
 SHOWN_PROBLEMS = 10
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             max_size=params.model.max_size,
             cfg=params.preprocess,
         )
-    except (ConfigError, CocoFormatError, PreprocessError) as err:
+    except (ConfigError, CocoFormatError, PreprocessError, ParallelError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     for problem in summary.problems[:SHOWN_PROBLEMS]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -84,6 +85,32 @@ def test_max_images_downloads_only_those_images(
         )
 
 
+def test_failed_image_download_keeps_the_others_for_the_next_run(
+    coco_host_root: Path, shared_data: Path, tmp_path: Path, capsys
+) -> None:
+    host_root = tmp_path / "host"
+    shutil.copytree(coco_host_root, host_root, symlinks=True)
+    first_val = json.loads((shared_data / "coco-mini" / "annotations" / "instances_val2017.json").read_text())
+    lost = host_root / "val2017" / first_val["images"][2]["file_name"]
+    lost.unlink()  # the host lacks one image for now
+    out, cache = tmp_path / "coco", tmp_path / "cache"
+    with serve(host_root) as host:
+        argv = ["--params", params(tmp_path, source="coco", base_url=host.url, max_images=4, retries=0)]
+        argv += ["--out", str(out), "--downloads", str(cache)]
+        assert main(argv) == 1
+        assert (
+            f"1 of 4 downloads failed:\n  {host.url}/val2017/{lost.name}: HTTP 404" in capsys.readouterr().err
+        )
+        assert not out.exists()
+        lost.symlink_to(shared_data / "coco-mini" / "val2017" / lost.name)
+        first_run = len(host.requests)
+        assert main(argv) == 0
+    again = [path for path, _ in host.requests[first_run:] if not path.startswith("annotations/")]
+    assert again == [f"val2017/{lost.name}"]  # the 7 images of the first run were kept
+    assert len(list((out / "val2017").iterdir())) == len(list((out / "train2017").iterdir())) == 4
+    assert (cache / "annotations_trainval2017.zip").is_file()  # a named --downloads folder is kept
+
+
 def test_interrupted_download_resumes_on_the_next_run(coco_host_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "coco"
     zip_size = (coco_host_root / "zips" / "val2017.zip").stat().st_size
@@ -102,7 +129,7 @@ def test_interrupted_download_resumes_on_the_next_run(coco_host_root: Path, tmp_
     assert not (tmp_path / "coco.downloads").exists()
 
 
-def test_hostile_zip_is_refused_and_leaves_nothing(coco_host_root: Path, tmp_path: Path, capsys) -> None:
+def test_hostile_zip_is_refused_and_leaves_nothing(tmp_path: Path, capsys) -> None:
     root = tmp_path / "host"
     (root / "annotations").mkdir(parents=True)
     with zipfile.ZipFile(root / "annotations" / "annotations_trainval2017.zip", "w") as zf:
