@@ -30,7 +30,7 @@ class DataConfig:
 
     source: str = "synthetic"  # synthetic | coco | local
     base_url: str = "http://images.cocodataset.org"
-    max_images: int | None = None  # per split; None = whole split archives
+    max_images: int | None = None  # per split, the first N of each annotation file (coco, local); None = all
     train_split: str = "train2017"
     val_split: str = "val2017"
     download_workers: int = 8
