@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import time
 from pathlib import Path
 
 import pytest
-from coco_host import serve
 
 from pipeline.download import DownloadError, Expected, UnreachableError, download_file, download_many
+from tests.coco_host import serve
+from tests.conftest import free_port
 
 SIZE = 300_000
 
@@ -24,12 +24,6 @@ def served(tmp_path: Path) -> Path:
     for i in range(5):
         (root / "files" / f"small{i}.bin").write_bytes(bytes([i]) * (1000 + i))
     return root
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])  # closed again when the block ends: nothing listens
 
 
 def test_whole_download_verified(served: Path, tmp_path: Path) -> None:
@@ -106,7 +100,7 @@ def test_404_is_not_retried(served: Path, tmp_path: Path) -> None:
 
 
 def test_unreachable_host_fails_at_once(tmp_path: Path) -> None:
-    url = f"http://127.0.0.1:{closed_port()}/x.zip"
+    url = f"http://127.0.0.1:{free_port()}/x.zip"  # nothing listens there
     start = time.monotonic()
     with pytest.raises(UnreachableError, match=f"cannot reach {url}"):
         download_file(url, tmp_path / "x.zip", retries=5, progress=False)

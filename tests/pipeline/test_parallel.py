@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
 
 from pipeline.parallel import ParallelError, ordered_map, use_ray_requested
+from tests.conftest import free_port
 
 
 def square_all(chunk: list[int], offset: int) -> list[int]:
@@ -32,9 +32,7 @@ def test_ray_address_alone_asks_for_ray(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_unreachable_ray_cluster_fails_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("ray")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # nothing listens once closed
+    port = free_port()  # nothing listens there
     monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
     start = time.monotonic()
     with pytest.raises(ParallelError, match=f"cannot reach the Ray cluster at RAY_ADDRESS=127.0.0.1:{port}"):

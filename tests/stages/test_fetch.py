@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import zipfile
@@ -12,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from coco_host import lay_out_like_cocodataset, serve
 
 from stages.fetch import main
+from tests.coco_host import lay_out_like_cocodataset, serve
+from tests.conftest import free_port
 
 SPLITS = ("train2017", "val2017")
 
@@ -144,10 +144,7 @@ def test_hostile_zip_is_refused_and_leaves_nothing(tmp_path: Path, capsys) -> No
 
 
 def test_offline_fails_at_once_saying_what_to_change(tmp_path: Path, repo_root: Path) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # nothing listens once the socket is closed
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     result = subprocess.run(
         [sys.executable, "-m", "stages.fetch", "--params", params(tmp_path, source="coco", base_url=url),
          "--out", str(tmp_path / "coco")],
