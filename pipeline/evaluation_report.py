@@ -7,7 +7,8 @@ Outputs (paths from the command line):
   proposal recall ``proposal_AR100, proposal_AR1k, proposal_ARs1k, proposal_ARm1k, proposal_ARl1k``,
   ``AP_<category name>`` per category with ground truth, ``num_images``, and the time per image:
   ``eval_seconds_per_image`` (forward pass only), ``eval_wall_seconds_per_image`` (all of inference:
-  decoding, loading, Ray), ``cocoeval_seconds``.
+  decoding, loading, Ray), ``cocoeval_seconds`` and ``proposal_eval_seconds`` (COCOeval of the
+  detections and of the proposals).
 * PR-curve CSV (DVC plots): ``recall, precision_iou50, precision_iou50_95`` over COCO's 101 recall
   thresholds (area all, 100 detections, averaged over categories).
 * pictures: ``<image_id>.jpg`` for the first ``evaluate.num_pictures`` validation images, detections
@@ -32,6 +33,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,11 +116,13 @@ def check_categories(
     model_categories: list[dict[str, Any]], data_categories: list[dict[str, Any]], *, model: Path, data: Path
 ) -> None:
     """The model's label -> COCO id mapping must be the data's, or every detection is mislabelled."""
-    as_pairs = lambda cats: sorted((int(c["label"]), int(c["id"])) for c in cats)  # noqa: E731
-    if model_categories and as_pairs(model_categories) != as_pairs(data_categories):
+    model_pairs = {(int(c["label"]), int(c["id"])) for c in model_categories}
+    data_pairs = {(int(c["label"]), int(c["id"])) for c in data_categories}
+    if model_pairs != data_pairs:
         raise EvaluationError(
             f"{model}: its categories (label -> COCO id) differ from {data / 'categories.json'}: "
-            f"{as_pairs(model_categories)[:5]}... vs {as_pairs(data_categories)[:5]}..."
+            f"{len(model_pairs)} vs {len(data_pairs)} categories, first differing (label, id) pairs "
+            f"{sorted(model_pairs ^ data_pairs)[:6]}"
         )
 
 
@@ -331,8 +335,10 @@ def run_evaluate(
     det_eval = evaluate_detections(
         gt, coco_results(run.detections, categories), image_ids=image_ids, where="detections"
     )
+    start = time.perf_counter()
     proposals = proposal_recall(gt, proposal_results(run.detections), image_ids=image_ids)
     metrics = build_metrics(det_eval, proposals, run, categories)
+    metrics["proposal_eval_seconds"] = time.perf_counter() - start
 
     atomic_write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
     write_pr_curve(plots_path, det_eval)

@@ -78,8 +78,11 @@ def _pip_requirements() -> list[str]:
     return pins
 
 
-def log_detector(model_file: str | Path, *, name: str = "model") -> ModelInfo:
-    """Log the model file as a pyfunc model to the active MLflow run (pinned requirements: fast)."""
+def log_detector(model_file: str | Path, *, name: str = "fpn_detector") -> ModelInfo:
+    """Log the model file as a pyfunc model to the active MLflow run (pinned requirements: fast).
+
+    Named ``fpn_detector`` so it stands apart from the ``model`` stage train logs (mlflow.pytorch).
+    """
     with warnings.catch_warnings():
         # The explicit signature describes the input; an input example would run the detector while logging.
         warnings.filterwarnings("ignore", message=".*input example was not provided.*")

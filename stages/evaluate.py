@@ -27,7 +27,7 @@ import sys
 
 from pipeline.config import ConfigError, load_params
 from pipeline.dataset import DatasetError
-from pipeline.evaluation import STANDARD_KEYS, EvaluationError, coco_metrics
+from pipeline.evaluation import PROPOSAL_KEYS, STANDARD_KEYS, EvaluationError, coco_metrics
 from pipeline.evaluation_report import run_evaluate
 from pipeline.inference import InferenceError
 from pipeline.model_file import ModelFileError
@@ -85,15 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     m = outcome.metrics
     print("  ".join(f"{key} {m[key]:.4f}" for key in STANDARD_KEYS))
-    print(
-        "proposals: "
-        + "  ".join(
-            f"{k.removeprefix('proposal_')} {v:.4f}" for k, v in m.items() if k.startswith("proposal_")
-        )
-    )
+    print("proposals: " + "  ".join(f"{key} {m[f'proposal_{key}']:.4f}" for key in PROPOSAL_KEYS))
     print(
         f"{int(m['num_images'])} images: {m['eval_seconds_per_image'] * 1000:.1f} ms/image in the model, "
-        f"{m['eval_wall_seconds_per_image'] * 1000:.1f} ms/image in all; COCOeval {m['cocoeval_seconds']:.2f} s"
+        f"{m['eval_wall_seconds_per_image'] * 1000:.1f} ms/image in all; COCOeval {m['cocoeval_seconds']:.2f} s, "
+        f"proposals {m['proposal_eval_seconds']:.2f} s"
     )
     print(f"wrote {args.metrics}, {args.plots}, {args.images}/")
     if outcome.run_id:
