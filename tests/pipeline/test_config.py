@@ -18,6 +18,13 @@ def test_repo_params_load() -> None:
     assert params.data.source == "synthetic"
 
 
+def test_paper_recipe_params_load() -> None:
+    params = load_params(REPO_ROOT / "params" / "coco_r50_fpn_1x.yaml")
+    assert params.model.backbone == "resnet50" and params.model.min_size == 800
+    assert params.train.num_workers * params.train.batch_size == params.train.lr_reference_batch == 16
+    assert params.train.lr == 0.02 and params.train.lr_steps == (60000, 80000)
+
+
 def test_empty_gives_defaults() -> None:
     assert params_from_dict({}) == Params()
 
