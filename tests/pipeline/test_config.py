@@ -30,8 +30,8 @@ def test_empty_gives_defaults() -> None:
 
 
 def test_lists_become_tuples_and_ints_floats() -> None:
-    params = params_from_dict({"model": {"anchor_sizes": [16, 32]}, "train": {"lr": 1}})
-    assert params.model.anchor_sizes == (16, 32)
+    params = params_from_dict({"model": {"anchor_sizes": [16, 32, 64, 128, 256]}, "train": {"lr": 1}})
+    assert params.model.anchor_sizes == (16, 32, 64, 128, 256)
     assert isinstance(params.train.lr, float)
 
 
