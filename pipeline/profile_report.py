@@ -10,8 +10,8 @@ Metric names (all flat, values numbers; ms = milliseconds, MB = 2**20 bytes):
     <device>.bs<b>.ours_over_torchvision.{latency, memory}      < 1: ours is better
     <device>.train.ours_over_torchvision.{step_time, memory}
     <device>.bs<b>.fpn_over_single_c4.latency                    the paper: about 1
-    <device>.bs<b>.{detections, count_mismatch, label_mismatch, max_box_diff, max_score_diff}
-                                                                ours vs torchvision, same weights
+    <device>.bs<b>.{detections, unmatched, max_box_diff, max_score_diff}
+                                    ours vs torchvision, same weights, at score threshold 0
 
 The split CSV has one row per (device, subject, batch size, part): ``row`` (a unique label
 for a horizontal bar chart: ``x: ms, y: row``), device, subject, kind, batch_size, part, ms,

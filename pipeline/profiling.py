@@ -462,28 +462,51 @@ def synthetic_targets(
 
 
 def compare_detections(
-    ours: Sequence[dict[str, Tensor]], theirs: Sequence[dict[str, Tensor]]
+    ours: Sequence[dict[str, Tensor]],
+    theirs: Sequence[dict[str, Tensor]],
+    *,
+    box_tol: float = 1e-2,
+    score_tol: float = 1e-4,
 ) -> dict[str, float]:
-    """How far two detectors' outputs on the same images are apart.
+    """How far two detectors' outputs on the same images are apart, order-insensitively.
 
-    Returns ``detections`` (total count of ours), ``count_mismatch`` (images whose counts
-    differ), ``label_mismatch`` (detections whose labels differ, where counts agree) and
-    ``max_box_diff`` / ``max_score_diff`` (largest absolute difference, pixels / score).
+    Each of our detections is matched (greedily, closest box first) to an unused one of
+    theirs with the same label, boxes within ``box_tol`` pixels (largest coordinate
+    difference) and scores within ``score_tol``: float rounding may reorder near-equal scores.
+    Returns ``detections`` (our total), ``unmatched`` (detections of either side without a
+    partner) and ``max_box_diff`` / ``max_score_diff`` over the matched pairs.
     """
-    count_mismatch = label_mismatch = 0
+    unmatched = 0
     box_diff = score_diff = 0.0
     for a, b in zip(ours, theirs, strict=True):
-        if a["boxes"].shape != b["boxes"].shape:
-            count_mismatch += 1
+        boxes_a, boxes_b = a["boxes"].detach().float().cpu(), b["boxes"].detach().float().cpu()
+        if len(boxes_a) == 0 or len(boxes_b) == 0:
+            unmatched += len(boxes_a) + len(boxes_b)
             continue
-        if a["boxes"].numel():
-            box_diff = max(box_diff, float((a["boxes"].float() - b["boxes"].float()).abs().max()))
-            score_diff = max(score_diff, float((a["scores"].float() - b["scores"].float()).abs().max()))
-            label_mismatch += int((a["labels"] != b["labels"]).sum())
+        boxes = (boxes_a[:, None, :] - boxes_b[None, :, :]).abs().amax(dim=-1)  # (Da, Db)
+        scores = (
+            a["scores"].detach().float().cpu()[:, None] - b["scores"].detach().float().cpu()[None, :]
+        ).abs()
+        same = (
+            (a["labels"].cpu()[:, None] == b["labels"].cpu()[None, :])
+            & (boxes <= box_tol)
+            & (scores <= score_tol)
+        )
+        cost = torch.where(same, boxes, torch.full_like(boxes, math.inf))
+        used = torch.zeros(len(boxes_b), dtype=torch.bool)
+        for i in range(len(boxes_a)):
+            row = cost[i].masked_fill(used, math.inf)
+            j = int(row.argmin())
+            if math.isinf(float(row[j])):
+                unmatched += 1
+                continue
+            used[j] = True
+            box_diff = max(box_diff, float(boxes[i, j]))
+            score_diff = max(score_diff, float(scores[i, j]))
+        unmatched += int((~used).sum())
     return {
         "detections": float(sum(len(a["boxes"]) for a in ours)),
-        "count_mismatch": float(count_mismatch),
-        "label_mismatch": float(label_mismatch),
+        "unmatched": float(unmatched),
         "max_box_diff": box_diff,
         "max_score_diff": score_diff,
     }

@@ -9,6 +9,8 @@
   (pyramid "fpn", a shared RPN head, ...) and what had to change.
 * `reference_pair(cfg)`: ours and torchvision's with the same random weights, loaded into
   ours by `fpn.load_torchvision_weights`, so both compute the same detections.
+* `detections_at_threshold`: both models' detections at a score threshold of 0, to check
+  that they are the same (random weights score every class about equally, under 0.05).
 * `single_scale_baseline(cfg)`: ours with ``pyramid="single_c4"`` and otherwise the same
   settings, the paper's single-scale baseline beside FPN.
 """
@@ -16,10 +18,10 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torchvision.models import resnet
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -168,6 +170,27 @@ def _match_trainable(ours: nn.Module, theirs: nn.Module) -> None:
     }
     if count["ours"] != count["torchvision"]:
         raise ReferenceError(f"trainable parameters differ: {count}")
+
+
+def detections_at_threshold(
+    models: Sequence[nn.Module], images: list[Tensor], score_thresh: float = 0.0
+) -> list[list[dict[str, Tensor]]]:
+    """Eval-mode outputs of each model (ours or torchvision's) with the RoI heads' score
+    threshold set to ``score_thresh`` for the call, then restored.
+
+    With random weights the class scores are near uniform (about 1 / (K + 1)), under the
+    default 0.05: at 0 every image has ``detections_per_image`` detections to compare.
+    """
+    outputs = []
+    for model in models:
+        heads = model.roi_heads
+        saved, heads.score_thresh = heads.score_thresh, score_thresh
+        try:
+            with torch.inference_mode():
+                outputs.append(model.eval()(images))
+        finally:
+            heads.score_thresh = saved
+    return outputs
 
 
 def single_scale_baseline(cfg: ModelConfig, *, seed: int = 0) -> nn.Module:
