@@ -105,6 +105,8 @@ class TrainConfig:
     seed: int = 0
     storage_path: str | None = None  # Ray Train storage (shared storage or s3:// on a cluster)
     experiment: str = "fpn"  # MLflow experiment
+    threads: int = 0  # torch threads per worker; 0 = the worker's CPUs (Ray) or torch's default
+    flush_denormal: bool = True  # CPU: flush denormal floats (a from-scratch detector slows ~3x without)
 
 
 @dataclass(frozen=True)

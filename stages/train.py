@@ -1,0 +1,81 @@
+"""Stage train: train the FPN detector with Ray Train, tracked in MLflow.
+
+Run (dvc.yaml does this; paths are arguments, settings come from params.yaml ``train:`` and
+``model:``)::
+
+    python -m stages.train --params params.yaml --data data/preprocessed \\
+        --model-out models/model.pt --metrics metrics/train.json --plots plots/train_loss.csv \\
+        [--storage-path runs/ray] [--no-ray] [--status-dir DIR]
+
+* Ray: joins the cluster named by ``RAY_ADDRESS`` (``ray job submit`` sets it), else starts a
+  local one. ``train.num_workers`` workers with ``train.cpus_per_worker`` CPUs each; with
+  ``train.use_gpu: true`` one GPU per worker, DDP over NCCL and ``train.amp`` mixed precision.
+  On a cluster, submit from the project root and give absolute output paths on shared storage
+  (a job's working dir is a temporary copy)::
+
+      MLFLOW_TRACKING_URI=http://<host>:5000 ray job submit --address http://<head>:8265 \\
+          --working-dir . -- python -m stages.train --params params.yaml --data /shared/data/preprocessed \\
+          --model-out /shared/models/model.pt --metrics /shared/metrics/train.json \\
+          --plots /shared/plots/train_loss.csv --storage-path /shared/runs/ray
+
+* Resuming: checkpoints live in ``<storage path>/<run name>``; the run name is a hash of the
+  model and training params and the data hash, so running the same config again (after a
+  crash or a kill) resumes from its latest checkpoint, and a changed config starts fresh.
+* ``--no-ray`` runs the same loop in this process (debugging, profiling).
+* ``--status-dir`` makes each worker write ``rank<k>.json`` (pid, host, iteration, weights checksum).
+* MLflow: ``MLFLOW_TRACKING_URI``, else ``sqlite:///<project root>/mlflow.db``; experiment
+  ``train.experiment``. An unreachable MLflow costs the logging, never the training.
+
+Outputs: the model file (``--model-out``), metrics JSON (final losses, images/s, iterations,
+times), plots CSV (step, loss, loss terms, lr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.config import ConfigError, load_params
+from pipeline.training import TrainOutputs, train
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stages.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", default="params.yaml", help="params file (sections train: and model:)")
+    parser.add_argument("--data", required=True, help="preprocess output folder (data/preprocessed)")
+    parser.add_argument("--model-out", required=True, help="model file to write (models/model.pt)")
+    parser.add_argument("--metrics", required=True, help="metrics JSON to write (metrics/train.json)")
+    parser.add_argument("--plots", required=True, help="loss CSV to write (plots/train_loss.csv)")
+    parser.add_argument(
+        "--storage-path", default=None, help="Ray Train storage (default: train.storage_path, else runs/ray)"
+    )
+    parser.add_argument("--no-ray", action="store_true", help="run the loop in this process, without Ray")
+    parser.add_argument("--status-dir", default=None, help="each worker writes rank<k>.json here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    try:
+        params = load_params(args.params)
+        metrics = train(
+            params,
+            args.data,
+            TrainOutputs(model=Path(args.model_out), metrics=Path(args.metrics), plots=Path(args.plots)),
+            storage_path=args.storage_path,
+            use_ray=not args.no_ray,
+            status_dir=args.status_dir,
+        )
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"stages.train: error: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"stages.train: {metrics['iterations']} iterations, loss {metrics['loss']:.4f}, "
+        f"{metrics['images_per_s']:.2f} img/s, {metrics['wall_time_s']:.0f} s; run {metrics['run_name']}, "
+        f"MLflow run {metrics['mlflow_run_id']}; model at {args.model_out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

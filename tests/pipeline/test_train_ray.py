@@ -1,0 +1,161 @@
+"""Ray Train on a real local cluster: 2 CPU workers over gloo, a killed worker, a killed job."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from pipeline.model_file import load_model_file
+from tests.ray_cluster import LocalRayCluster, ray_cluster  # noqa: F401 (session fixture)
+from tests.train_samples import tiny_data, tiny_params, write_params
+
+pytestmark = pytest.mark.slow
+TWO_WORKERS = {"num_workers": 2, "cpus_per_worker": 0.5, "threads": 1}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_data(tmp_path_factory.mktemp("ray-train-data"))
+
+
+def read_status(directory: Path, rank: int) -> dict | None:
+    try:
+        return json.loads((directory / f"rank{rank}.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def start_stage(cluster: LocalRayCluster, params: Path, data: Path, root: Path) -> subprocess.Popen:
+    command = [
+        sys.executable, "-m", "stages.train", "--params", str(params), "--data", str(data),
+        "--model-out", str(root / "model.pt"), "--metrics", str(root / "train.json"),
+        "--plots", str(root / "loss.csv"), "--storage-path", str(root / "runs"), "--status-dir", str(root / "status"),
+    ]  # fmt: skip
+    env = cluster.env(MLFLOW_TRACKING_URI=f"sqlite:///{root}/mlflow.db")
+    log = (root / "stage.log").open("ab")
+    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_for(predicate, what: str, process: subprocess.Popen, log: Path, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if process.poll() is not None:
+            raise AssertionError(
+                f"the stage ended (rc {process.returncode}) before {what}:\n{log.read_text()[-4000:]}"
+            )
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"timed out waiting for {what}:\n{log.read_text()[-4000:]}")
+        time.sleep(0.2)
+
+
+def finish(process: subprocess.Popen, log: Path, timeout: float = 300.0) -> None:
+    try:
+        rc = process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise AssertionError(f"the stage did not finish:\n{log.read_text()[-4000:]}") from None
+    assert rc == 0, log.read_text()[-4000:]
+
+
+def steps_in(plots: Path) -> list[int]:
+    return [int(line.split(",")[0]) for line in plots.read_text().splitlines()[1:]]
+
+
+def registered_checkpoint(storage: Path) -> int:
+    """Iteration of the newest checkpoint Ray Train has registered (0: none yet).
+
+    Ray registers a reported checkpoint when its controller next polls the workers (every
+    ~2 s): one reported just before a crash may be lost, and the run resumes from the one before.
+    """
+    for snapshot in storage.glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+        except json.JSONDecodeError:
+            continue  # being rewritten
+        if latest:
+            return int(latest["metrics"]["iteration"])
+    return 0
+
+
+def test_two_workers_stay_in_sync_and_a_killed_worker_resumes(
+    ray_cluster: LocalRayCluster,  # noqa: F811
+    data: Path,
+    tmp_path: Path,
+) -> None:
+    total = 16
+    raw = tiny_params(**TWO_WORKERS, iterations=total, checkpoint_every=4, log_every=1, max_failures=2)
+    stage = start_stage(ray_cluster, write_params(tmp_path / "params.yaml", raw), data, tmp_path)
+    status, log = tmp_path / "status", tmp_path / "stage.log"
+
+    wait_for(lambda: registered_checkpoint(tmp_path / "runs") > 0, "a registered checkpoint", stage, log)
+    victim = read_status(status, 1)
+    kept = registered_checkpoint(tmp_path / "runs")
+    os.kill(victim["pid"], signal.SIGKILL)  # the worker process itself, mid-run
+    assert victim["iteration"] < total, "the run must still be going"
+    finish(stage, log)
+
+    metrics = json.loads((tmp_path / "train.json").read_text())
+    assert metrics["iterations"] == total and metrics["attempts"] == 2
+    assert metrics["images_seen"] == total * 2 * 2  # global batch: 2 workers x 2 images
+    rank0, rank1 = read_status(status, 0), read_status(status, 1)
+    assert rank1["pid"] != victim["pid"], "Ray started a new worker"
+    assert rank1["start_iteration"] >= kept > 0, "resumed from a checkpoint, not from scratch"
+    assert steps_in(tmp_path / "loss.csv") == list(range(1, total + 1)), "the step count continued"
+    # DDP keeps the replicas identical: both ranks hold the same weights after the last step,
+    # and they are the weights of the model file.
+    assert rank0["world_size"] == 2 and rank0["pid"] != rank1["pid"]
+    assert rank0["iteration"] == rank1["iteration"] == total
+    assert rank0["weights_checksum"] == rank1["weights_checksum"]
+    loaded = load_model_file(tmp_path / "model.pt")
+    checksum = sum(p.double().sum().item() for p in loaded.model.parameters())
+    assert checksum == pytest.approx(rank0["weights_checksum"], abs=1e-6)
+    # Ray kept the newest two checkpoints of the run named after its config.
+    run_dir = tmp_path / "runs" / loaded.extra["run_name"]
+    assert sorted(p.name for p in run_dir.glob("checkpoint_0*")) == [
+        "checkpoint_00000012",
+        "checkpoint_00000016",
+    ]
+    # One MLflow run (rank 0 only, continued after the restart), lr scaled to the global batch of 4.
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("fpn").experiment_id])
+    assert [r.info.run_id for r in runs] == [loaded.extra["mlflow_run_id"]]
+    assert runs[0].info.status == "FINISHED"
+    assert {m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")} == set(
+        range(1, total + 1)
+    )
+    lrs = client.get_metric_history(runs[0].info.run_id, "lr")
+    assert max(m.value for m in lrs) == pytest.approx(0.08 * 4 / 16)
+
+
+def test_job_killed_and_started_again_resumes(
+    ray_cluster: LocalRayCluster,  # noqa: F811
+    data: Path,
+    tmp_path: Path,
+) -> None:
+    total = 20
+    raw = tiny_params(**TWO_WORKERS, iterations=total, checkpoint_every=3, log_every=1)
+    params = write_params(tmp_path / "params.yaml", raw)
+    status, log = tmp_path / "status", tmp_path / "stage.log"
+    first = start_stage(ray_cluster, params, data, tmp_path)
+
+    wait_for(lambda: registered_checkpoint(tmp_path / "runs") > 0, "a registered checkpoint", first, log)
+    first.send_signal(signal.SIGKILL)  # the whole job: the driver dies, and Ray ends its actors
+    first.wait()
+    kept = registered_checkpoint(tmp_path / "runs")
+    assert read_status(status, 0)["iteration"] < total and not (tmp_path / "model.pt").exists()
+
+    again = start_stage(ray_cluster, params, data, tmp_path)
+    finish(again, log)
+    metrics = json.loads((tmp_path / "train.json").read_text())
+    assert metrics["iterations"] == total and metrics["attempts"] == 2
+    assert read_status(status, 0)["start_iteration"] >= kept > 0
+    assert steps_in(tmp_path / "loss.csv") == list(range(1, total + 1))

@@ -1,0 +1,138 @@
+"""A real local Ray cluster for the tests, started once per pytest session and shared.
+
+``ray start --head --block`` on 127.0.0.1 with its own temp dir, 2 CPUs, the dashboard (for
+``ray job submit``) and its own authentication token (Ray's default token file,
+``~/.ray/auth_token``, is shared with every other cluster of this user and may be rewritten
+under us; clients get the token through ``RAY_AUTH_TOKEN``: use `LocalRayCluster.env`). ``--block`` keeps the command in the foreground; terminating that one
+process (by its PID) stops every process it started, and nothing else (``ray stop`` would
+stop every Ray cluster of this user on the machine).
+
+Use from a test module::
+
+    from tests.ray_cluster import LocalRayCluster, ray_cluster  # noqa: F401 (the fixture)
+
+Each module's session fixture takes a reference; the cluster stops when the last is released.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+
+START_TIMEOUT_S = 120
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class LocalRayCluster:
+    """A running head node: ``address`` (GCS, for ``RAY_ADDRESS``) and ``dashboard`` (jobs API)."""
+
+    address: str
+    dashboard: str
+    temp_dir: Path
+    process: subprocess.Popen = field(repr=False)
+    token: str = field(repr=False, default="")
+    users: int = 0
+
+    @property
+    def client_env(self) -> dict[str, str]:
+        """What a client needs: the address and the token."""
+        return {"RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """The current environment pointed at this cluster (for a driver or CLI run as a subprocess)."""
+        return {**os.environ, **self.client_env, **extra}
+
+    def stop(self) -> None:
+        """Terminate ``ray start --block`` (it stops what it started); kill its leftovers after 15 s."""
+        started = psutil.Process(self.process.pid).children(recursive=True)
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        _, alive = psutil.wait_procs(started, timeout=5)
+        for process in alive:
+            process.kill()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def start_cluster(num_cpus: int = 2) -> LocalRayCluster:
+    """Start a head node and wait until its dashboard answers."""
+    # A short temp dir: Ray's unix sockets live under it and their paths are length-limited.
+    temp_dir = Path(tempfile.mkdtemp(prefix="rayt", dir="/tmp"))
+    port, dashboard_port = _free_port(), _free_port()
+    command = [
+        str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--port", str(port), "--num-cpus", str(num_cpus),
+        "--node-ip-address", "127.0.0.1", "--temp-dir", str(temp_dir), "--include-dashboard", "true",
+        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port), "--disable-usage-stats",
+    ]  # fmt: skip
+    log = (temp_dir / "ray_start.log").open("wb")
+    token = secrets.token_hex(16)
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+        # ray.train.report blocks until the controller has collected the previous report, and it
+        # polls every 2 s by default: tests that report every step would mostly wait.
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+    }
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    dashboard = f"http://127.0.0.1:{dashboard_port}"
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        try:
+            with urllib.request.urlopen(f"{dashboard}/api/version", timeout=2):
+                break
+        except urllib.error.HTTPError:
+            break  # it answers (401 when Ray's token authentication is on: the CLI sends the token)
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.terminate()
+            text = (temp_dir / "ray_start.log").read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"ray start did not come up:\n{text}")
+        time.sleep(0.5)
+    return LocalRayCluster(
+        address=f"127.0.0.1:{port}", dashboard=dashboard, temp_dir=temp_dir, process=process, token=token
+    )
+
+
+_shared: LocalRayCluster | None = None
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[LocalRayCluster]:
+    """The session's shared cluster (started on first use, stopped after its last user)."""
+    global _shared
+    if _shared is None:
+        _shared = start_cluster()
+    cluster = _shared
+    cluster.users += 1
+    try:
+        yield cluster
+    finally:
+        cluster.users -= 1
+        if cluster.users == 0:
+            cluster.stop()
+            _shared = None
