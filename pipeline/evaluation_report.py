@@ -239,14 +239,16 @@ def publish_to_mlflow(
 
     uri = use_tracking(tracking_uri())
     run_id = loaded.extra.get("mlflow_run_id")
-    resume = False
+    existing = None
     if run_id:
         try:
-            MlflowClient().get_run(run_id)
-            resume = True
+            existing = MlflowClient().get_run(run_id)
         except MlflowException:
             print(f"evaluate: run {run_id} named by {model_path} is not on {uri}: starting a new run")
-    if resume:
+    resume = existing is not None
+    if existing is not None:
+        # start_run(run_id=...) refuses a run outside the active experiment: make its experiment active.
+        mlflow.set_experiment(experiment_id=existing.info.experiment_id)
         active = mlflow.start_run(run_id=run_id)
     else:
         mlflow.set_experiment(params.train.experiment)

@@ -9,6 +9,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
 import yaml
@@ -111,6 +112,9 @@ def test_evaluate_logs_to_the_training_run_and_registers(
     )
     params = write_params(tmp_path)
     name = yaml.safe_load(params.read_text())["evaluate"]["registered_model"]
+    # Another experiment active in this process (MLflow refuses to resume a run outside it).
+    mlflow.set_tracking_uri(mlflow_server)
+    mlflow.set_experiment("some-other-experiment")
 
     assert evaluate.main(stage_args(tmp_path, params, model, synthetic)) == 0
     metrics = check_outputs(tmp_path, num_pictures=2)
