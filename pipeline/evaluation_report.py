@@ -31,7 +31,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -61,6 +60,7 @@ from pipeline.inference import (
     read_index,
 )
 from pipeline.model_file import LoadedModel, load_model_file
+from pipeline.tracking import git_commit
 
 
 @dataclass
@@ -99,17 +99,6 @@ def file_sha256(*paths: Path) -> str:
     for path in paths:
         digest.update(path.read_bytes())
     return digest.hexdigest()
-
-
-def current_git_commit() -> str | None:
-    """HEAD of the repository around the working directory, or None outside Git."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
 
 
 def check_categories(
@@ -235,9 +224,9 @@ def publish_to_mlflow(
     from mlflow.exceptions import MlflowException
 
     from pipeline.mlflow_model import log_detector
-    from pipeline.registry import register_model, tracking_uri, use_tracking
+    from pipeline.registry import register_model, use_tracking
 
-    uri = use_tracking(tracking_uri())
+    uri = use_tracking()
     run_id = loaded.extra.get("mlflow_run_id")
     existing = None
     if run_id:
@@ -284,9 +273,9 @@ def publish_to_mlflow(
             },
             data_hash=data_hash,
             val_data_hash=val_data_hash,
-            git_commit=loaded.extra.get("git_commit") or current_git_commit(),
+            git_commit=loaded.extra.get("git_commit") or git_commit(),
             extra_tags={
-                "eval_git_commit": current_git_commit() or "unknown",
+                "eval_git_commit": git_commit(),
                 "mlflow_run_id": run.info.run_id,
             },
         )

@@ -24,12 +24,10 @@ Concurrent registrations of the same name are not serialised: run one evaluation
 from __future__ import annotations
 
 import json
-import os
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -37,23 +35,20 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from pipeline.tracking import tracking_uri
+
 CHAMPION = "champion"
 METRIC_TAG_PREFIX = "metric."
 VAL_DATA_TAG = "val_data_hash"
-_PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 class TrackingUnavailable(RuntimeError):
     """The MLflow tracking server does not answer; the message names its URI."""
 
 
-def tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI``, else ``sqlite:///<project root>/mlflow.db`` (MLflow 3's own default store)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{_PROJECT_ROOT / 'mlflow.db'}"
-
-
 def use_tracking(uri: str | None = None, *, timeout_s: float = 5.0) -> str:
-    """Point MLflow (tracking and registry) at ``uri`` (default `tracking_uri`), checking an HTTP
+    """Point MLflow (tracking and registry) at ``uri`` (default `pipeline.tracking.tracking_uri`:
+    ``MLFLOW_TRACKING_URI``, else ``sqlite:///<project root>/mlflow.db``), checking an HTTP
     server answers ``/health`` first, so an unreachable one fails in seconds, not after retries."""
     uri = uri or tracking_uri()
     if uri.startswith(("http://", "https://")):
