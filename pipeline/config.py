@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from fpn import ModelConfig
+from fpn.config import ModelConfig
 
 
 class ConfigError(ValueError):
@@ -179,6 +179,45 @@ class TuneConfig:
 
 
 @dataclass(frozen=True)
+class AblateConfig:
+    """Section `ablate:` (stage ablate): the paper's ablations (Tables 1-3) as one table.
+
+    Each variant is a ``model.pyramid`` trained and evaluated with the rest of ``model:`` and
+    ``train:`` unchanged (same data, schedule and seed); ``model.anchor_sizes`` is adapted when
+    the variant has a different number of RPN levels (`pipeline.ablation.variant_anchor_sizes`).
+    """
+
+    variants: tuple[str, ...] = (
+        "single_c4",
+        "single_c5",
+        "fpn",
+        "bottom_up",
+        "top_down_no_lateral",
+        "p2_only",
+    )
+    parallel: int = 1  # variants trained side by side (each its own Ray Train run)
+    iterations: int | None = None  # None: train.iterations; else train.lr_steps scale with it
+    experiment: str = "fpn-ablation"  # MLflow experiment of the variants' runs (instead of train.experiment)
+
+    def __post_init__(self) -> None:
+        from fpn.config import PYRAMIDS
+
+        if not self.variants:
+            raise ValueError("variants: give at least one pyramid")
+        for name in self.variants:
+            if name not in PYRAMIDS:
+                raise ValueError(f"variants: unknown pyramid {name!r} (choose from {', '.join(PYRAMIDS)})")
+        if len(set(self.variants)) != len(self.variants):
+            raise ValueError(f"variants: each pyramid at most once, got {list(self.variants)}")
+        if self.parallel < 1:
+            raise ValueError(f"parallel: must be >= 1, got {self.parallel}")
+        if self.iterations is not None and self.iterations < 1:
+            raise ValueError(f"iterations: must be >= 1 or null, got {self.iterations}")
+        if not self.experiment.strip():
+            raise ValueError("experiment: must name an MLflow experiment")
+
+
+@dataclass(frozen=True)
 class Params:
     """The whole `params.yaml`."""
 
@@ -189,6 +228,7 @@ class Params:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    ablate: AblateConfig = field(default_factory=AblateConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists), e.g. to log to MLflow or hash."""
