@@ -98,12 +98,15 @@ class MultiLevelRoIAlign(nn.Module):
             min_level=self.levels[0],
             max_level=self.levels[-1],
         )
-        pooled, indices = [], []
+        out: Tensor | None = None
         for level in self.levels:
             idx = torch.nonzero(levels == level).squeeze(1)
-            pooled.append(self._pool(features[level], rois[idx], level))  # (R_k, C, S, S)
-            indices.append(idx)
-        result = torch.cat(pooled)  # (R, C, S, S), grouped by level
-        order = torch.empty_like(levels)
-        order[torch.cat(indices)] = torch.arange(levels.numel(), device=levels.device)
-        return result[order]  # back to the order of ``boxes``
+            if idx.numel() == 0:
+                continue
+            pooled = self._pool(features[level], rois[idx], level)  # (R_k, C, S, S)
+            if out is None:
+                out = pooled.new_zeros((rois.shape[0], *pooled.shape[1:]))
+            out.index_copy_(0, idx, pooled)  # into the rows of this level's RoIs
+        if out is None:  # no boxes at all
+            out = first.new_zeros((0, first.shape[1], self.output_size, self.output_size))
+        return out

@@ -174,23 +174,28 @@ class RoIHeads(nn.Module):
         proposals: list[Tensor],
         image_sizes: list[tuple[int, int]],
     ) -> list[dict[str, Tensor]]:
-        """Softmax, class-specific decoding, clipping, score threshold, per-class NMS, top-N."""
-        counts = [p.shape[0] for p in proposals]
-        boxes_all = decode_boxes(
-            box_deltas.float(), torch.cat(proposals), self.box_reg_weights
-        )  # (R, K+1, 4)
+        """Softmax, score threshold, class-specific decoding, clipping, per-class NMS, top-N.
+
+        Only the (RoI, class) pairs above the score threshold are decoded: Q of them.
+        """
+        num_rois = class_logits.shape[0]
         scores_all = F.softmax(class_logits.float(), dim=-1)  # (R, K+1)
+        roi, cls = torch.nonzero(scores_all[:, 1:] > self.score_thresh, as_tuple=True)  # (Q,), (Q,)
+        cls = cls + 1  # column 0 is the background
+        deltas = box_deltas.view(num_rois, -1, 4)[roi, cls].float()  # (Q, 4)
+        boxes_all = decode_boxes(deltas, torch.cat(proposals)[roi], self.box_reg_weights)[:, 0]  # (Q, 4)
+        scores_all = scores_all[roi, cls]  # (Q,)
+        image_of_roi = torch.repeat_interleave(
+            torch.arange(len(proposals), device=roi.device),
+            torch.tensor([p.shape[0] for p in proposals], device=roi.device),
+        )  # (R,)
+        image_of_pair = image_of_roi[roi]  # (Q,)
         results = []
-        for boxes, scores, size in zip(
-            boxes_all.split(counts), scores_all.split(counts), image_sizes, strict=True
-        ):
-            num_classes = scores.shape[1] - 1
-            boxes = clip_boxes(boxes[:, 1:], size).reshape(-1, 4)  # drop background: (R_i * K, 4)
-            labels = torch.arange(1, num_classes + 1, device=scores.device).repeat(
-                scores.shape[0]
-            )  # (R_i * K,)
-            scores = scores[:, 1:].reshape(-1)
-            keep = (scores > self.score_thresh) & nonempty_mask(boxes, MIN_DETECTION_SIZE)
+        for i, size in enumerate(image_sizes):
+            mine = image_of_pair == i
+            boxes = clip_boxes(boxes_all[mine], size)
+            scores, labels = scores_all[mine], cls[mine]
+            keep = nonempty_mask(boxes, MIN_DETECTION_SIZE)
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
             keep = batched_nms(boxes, scores, labels, self.nms_iou)[: self.detections_per_image]
             results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})

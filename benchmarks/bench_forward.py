@@ -1,0 +1,135 @@
+"""Eval-forward time of one image and parameter count: our FPN detector beside torchvision's.
+
+Rows: ResNet-50-FPN at 800x1333 (beside ``fasterrcnn_resnet50_fpn``'s architecture) and
+ResNet-18-FPN at 320x320 (beside a torchvision FasterRCNN with a ResNet-18 FPN backbone).
+Both models of a row hold the same random weights (ours loaded from torchvision's state dict
+with `fpn.load_torchvision_weights`) and run in the same process, alternating, so the
+machine's noise falls on both. Ours is timed in NCHW (the arithmetic of torchvision) and
+in channels_last (our default). Prints the machine, then a table of medians.
+
+    .venv/bin/python benchmarks/bench_forward.py              # both rows, 2 threads
+    .venv/bin/python benchmarks/bench_forward.py --rows r18 --repeats 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.ops import FrozenBatchNorm2d
+
+import fpn
+
+ROWS = {
+    # name: (backbone, image height, image width, min_size, max_size)
+    "r50": ("resnet50", 800, 1333, 800, 1333),
+    "r18": ("resnet18", 320, 320, 320, 320),
+}
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
+    return (
+        f"{cpu}; {os.cpu_count()} logical CPUs; torch {torch.__version__}, torchvision {torchvision.__version__}; "
+        f"threads {torch.get_num_threads()}; load average {tuple(round(x, 2) for x in load)}"
+    )
+
+
+def build_pair(backbone: str, min_size: int, max_size: int) -> tuple[FasterRCNN, fpn.Detector, fpn.Detector]:
+    """torchvision's detector and ours (NCHW and channels_last) with the same random weights."""
+    torch.manual_seed(0)
+    reference = FasterRCNN(
+        resnet_fpn_backbone(
+            backbone_name=backbone, weights=None, norm_layer=FrozenBatchNorm2d, trainable_layers=3
+        ),
+        num_classes=91,
+        min_size=min_size,
+        max_size=max_size,
+    ).eval()
+    cfg = dataclasses.replace(
+        fpn.ModelConfig.torchvision(), backbone=backbone, min_size=min_size, max_size=max_size
+    )
+    ours_nchw = fpn.build_detector(cfg).eval()
+    fpn.load_torchvision_weights(ours_nchw, reference.state_dict())
+    ours_nhwc = fpn.build_detector(dataclasses.replace(cfg, channels_last=True)).eval()
+    ours_nhwc.load_state_dict(ours_nchw.state_dict())
+    return reference, ours_nchw, ours_nhwc
+
+
+def parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def time_alternating(
+    models: dict[str, nn.Module], image: torch.Tensor, repeats: int, warmup: int
+) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            for name, model in models.items():
+                start = time.perf_counter()
+                model([image])
+                if i >= warmup:
+                    times[name].append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", nargs="+", choices=sorted(ROWS), default=["r50", "r18"])
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed runs per model (default 7 for r50, 21 for r18)"
+    )
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # random weights: keep denormal floats from slowing one model
+    print("machine:", machine())
+    lines = [
+        "| model | input | parameters | median s (torchvision) | median s (ours NCHW) | median s (ours channels_last) "
+        "| ours/torchvision NCHW | channels_last |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in args.rows:
+        backbone, height, width, min_size, max_size = ROWS[row]
+        reference, ours_nchw, ours_nhwc = build_pair(backbone, min_size, max_size)
+        assert parameters(reference) == parameters(ours_nchw), "the two models differ in size"
+        image = torch.rand(3, height, width, generator=torch.Generator().manual_seed(0))
+        repeats = args.repeats or (7 if row == "r50" else 21)
+        times = time_alternating(
+            {"torchvision": reference, "ours_nchw": ours_nchw, "ours_channels_last": ours_nhwc},
+            image,
+            repeats,
+            args.warmup,
+        )
+        med = {name: statistics.median(values) for name, values in times.items()}
+        lines.append(
+            f"| {backbone}-FPN | {height}x{width} | {parameters(ours_nchw):,} | {med['torchvision']:.3f} "
+            f"| {med['ours_nchw']:.3f} | {med['ours_channels_last']:.3f} "
+            f"| {med['ours_nchw'] / med['torchvision']:.2f}x | {med['ours_channels_last'] / med['torchvision']:.2f}x |"
+        )
+        print(f"{row}: {repeats} alternating runs each; all times (s):")
+        for name, values in times.items():
+            print(f"  {name}: {[round(v, 3) for v in values]}")
+    print("\n".join(lines))
+    print("machine at the end:", machine())
+
+
+if __name__ == "__main__":
+    main()
