@@ -4,7 +4,8 @@
 P_k of our feature pyramid by:  k = floor(k0 + log2(sqrt(wh) / 224))   (1)
 ... 224 is the canonical ImageNet pre-training size, and k0 is the target level on which an
 RoI with w x h = 224^2 should be mapped ... we set k0 to 4" (Sec. 4.2). Levels are clamped to
-the pyramid used by the head (P2..P5). Each RoI is pooled to 7x7 by RoIAlign on its level.
+the pyramid used by the head (P2..P5). Each RoI is pooled to 7x7 by RoIAlign on its level
+(on the CPU by `fpn.roi_align.roi_align_gather`, elsewhere by torchvision's kernel).
 
 Shape shorthand: N images, R RoIs over the batch, C channels (d), S output size (7).
     features {k: (N, C, H/2^k, W/2^k)}, boxes N x (R_i, 4)  ->  (R, C, S, S)
@@ -17,6 +18,8 @@ import math
 import torch
 from torch import Tensor, nn
 from torchvision.ops import roi_align
+
+from fpn.roi_align import roi_align_gather
 
 # Added inside the floor of Eq. (1) so a box of exactly 224 * 2^j px lands on level k0 + j
 # despite rounding in sqrt/log2.
@@ -65,11 +68,22 @@ class MultiLevelRoIAlign(nn.Module):
         self.aligned = aligned
 
     def _pool(self, feature: Tensor, rois: Tensor, level: int) -> Tensor:
+        spatial_scale = math.ldexp(1.0, -level)
+        if feature.device.type == "cpu" and feature.dtype == torch.float32 and self.sampling_ratio > 0:
+            # The same numbers as torchvision's kernel, vectorised over channels (see fpn.roi_align).
+            return roi_align_gather(
+                feature,
+                rois,
+                output_size=self.output_size,
+                spatial_scale=spatial_scale,
+                sampling_ratio=self.sampling_ratio,
+                aligned=self.aligned,
+            )
         return roi_align(
             feature,
             rois,
             output_size=self.output_size,
-            spatial_scale=math.ldexp(1.0, -level),
+            spatial_scale=spatial_scale,
             sampling_ratio=self.sampling_ratio,
             aligned=self.aligned,
         )
