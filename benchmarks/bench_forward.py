@@ -4,8 +4,10 @@ Rows: ResNet-50-FPN at 800x1333 (beside ``fasterrcnn_resnet50_fpn``'s architectu
 ResNet-18-FPN at 320x320 (beside a torchvision FasterRCNN with a ResNet-18 FPN backbone).
 Both models of a row hold the same random weights (ours loaded from torchvision's state dict
 with `fpn.load_torchvision_weights`) and run in the same process, alternating, so the
-machine's noise falls on both. Ours is timed in NCHW (the arithmetic of torchvision) and
-in channels_last (our default). Prints the machine, then a table of medians.
+machine's noise falls on both. Ours is timed twice: as ``ModelConfig.torchvision()`` (NCHW,
+frozen BN as a separate op: torchvision's arithmetic) and with our default execution
+settings (channels_last, frozen BN folded into the convs). Prints the machine, then a table
+of medians.
 
     .venv/bin/python benchmarks/bench_forward.py              # both rows, 2 threads
     .venv/bin/python benchmarks/bench_forward.py --rows r18 --repeats 20
@@ -51,7 +53,7 @@ def machine() -> str:
 
 
 def build_pair(backbone: str, min_size: int, max_size: int) -> tuple[FasterRCNN, fpn.Detector, fpn.Detector]:
-    """torchvision's detector and ours (NCHW and channels_last) with the same random weights."""
+    """torchvision's detector and ours (its arithmetic; our fast defaults), same random weights."""
     torch.manual_seed(0)
     reference = FasterRCNN(
         resnet_fpn_backbone(
@@ -64,11 +66,11 @@ def build_pair(backbone: str, min_size: int, max_size: int) -> tuple[FasterRCNN,
     cfg = dataclasses.replace(
         fpn.ModelConfig.torchvision(), backbone=backbone, min_size=min_size, max_size=max_size
     )
-    ours_nchw = fpn.build_detector(cfg).eval()
-    fpn.load_torchvision_weights(ours_nchw, reference.state_dict())
-    ours_nhwc = fpn.build_detector(dataclasses.replace(cfg, channels_last=True)).eval()
-    ours_nhwc.load_state_dict(ours_nchw.state_dict())
-    return reference, ours_nchw, ours_nhwc
+    ours_tv = fpn.build_detector(cfg).eval()
+    fpn.load_torchvision_weights(ours_tv, reference.state_dict())
+    ours_fast = fpn.build_detector(dataclasses.replace(cfg, channels_last=True, fold_frozen_bn=True)).eval()
+    ours_fast.load_state_dict(ours_tv.state_dict())
+    return reference, ours_tv, ours_fast
 
 
 def parameters(model: nn.Module) -> int:
@@ -102,27 +104,27 @@ def main() -> None:
     torch.set_flush_denormal(True)  # random weights: keep denormal floats from slowing one model
     print("machine:", machine())
     lines = [
-        "| model | input | parameters | median s (torchvision) | median s (ours NCHW) | median s (ours channels_last) "
-        "| ours/torchvision NCHW | channels_last |",
+        "| model | input | parameters | torchvision s | ours, torchvision arithmetic s | ours, defaults s "
+        "| ratio (tv arithmetic) | ratio (defaults) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in args.rows:
         backbone, height, width, min_size, max_size = ROWS[row]
-        reference, ours_nchw, ours_nhwc = build_pair(backbone, min_size, max_size)
-        assert parameters(reference) == parameters(ours_nchw), "the two models differ in size"
+        reference, ours_tv, ours_fast = build_pair(backbone, min_size, max_size)
+        assert parameters(reference) == parameters(ours_tv), "the two models differ in size"
         image = torch.rand(3, height, width, generator=torch.Generator().manual_seed(0))
         repeats = args.repeats or (7 if row == "r50" else 21)
         times = time_alternating(
-            {"torchvision": reference, "ours_nchw": ours_nchw, "ours_channels_last": ours_nhwc},
+            {"torchvision": reference, "ours_tv_arithmetic": ours_tv, "ours_defaults": ours_fast},
             image,
             repeats,
             args.warmup,
         )
         med = {name: statistics.median(values) for name, values in times.items()}
         lines.append(
-            f"| {backbone}-FPN | {height}x{width} | {parameters(ours_nchw):,} | {med['torchvision']:.3f} "
-            f"| {med['ours_nchw']:.3f} | {med['ours_channels_last']:.3f} "
-            f"| {med['ours_nchw'] / med['torchvision']:.2f}x | {med['ours_channels_last'] / med['torchvision']:.2f}x |"
+            f"| {backbone}-FPN | {height}x{width} | {parameters(ours_tv):,} | {med['torchvision']:.3f} "
+            f"| {med['ours_tv_arithmetic']:.3f} | {med['ours_defaults']:.3f} "
+            f"| {med['ours_tv_arithmetic'] / med['torchvision']:.2f}x | {med['ours_defaults'] / med['torchvision']:.2f}x |"
         )
         print(f"{row}: {repeats} alternating runs each; all times (s):")
         for name, values in times.items():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
@@ -45,6 +46,73 @@ def norm_layer_factory(norm: str) -> Callable[[int], nn.Module]:
     raise ValueError(f"unknown norm {norm!r} (choose from frozen_bn, bn, gn)")
 
 
+class FoldedFrozenBatchNorm2d(FrozenBatchNorm2d):
+    """A frozen BN whose affine map the preceding `ConvFrozenBN` applies; itself the identity.
+
+    Keeps FrozenBatchNorm2d's buffers (weight, bias, running_mean, running_var), so state dicts
+    are unchanged.
+    """
+
+    def scale_and_shift(self) -> tuple[Tensor, Tensor]:
+        """(C,), (C,): the frozen BN is ``x * scale + shift``."""
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        return scale, self.bias - self.running_mean * scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+class ConvFrozenBN(nn.Conv2d):
+    """A bias-free conv followed by a frozen BN, run as one conv with the BN folded in:
+    ``conv(x, W * scale) + shift``. This saves two passes over the activation map per layer.
+    Holds the same ``weight`` parameter as the conv it replaces; the BN stays in its own slot
+    (as a `FoldedFrozenBatchNorm2d`) and is only referenced here, not registered twice.
+    """
+
+    def __init__(self, conv: nn.Conv2d, norm: FoldedFrozenBatchNorm2d) -> None:
+        if conv.bias is not None:
+            raise ValueError("ConvFrozenBN folds a frozen BN into a bias-free conv")
+        super().__init__(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=False,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+        )
+        self.weight = conv.weight
+        self._norm = (norm,)  # a tuple hides it from nn.Module's registry
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale, shift = self._norm[0].scale_and_shift()
+        weight = self.weight * scale.to(self.weight.dtype)[:, None, None, None]
+        return F.conv2d(x, weight, shift.to(x.dtype), self.stride, self.padding, self.dilation, self.groups)
+
+
+def _fold_pair(parent: nn.Module, conv_name: str, norm_name: str) -> None:
+    conv, norm = getattr(parent, conv_name), getattr(parent, norm_name)
+    folded = FoldedFrozenBatchNorm2d(norm.weight.shape[0], eps=norm.eps)
+    folded.load_state_dict(norm.state_dict())
+    setattr(parent, norm_name, folded)
+    setattr(parent, conv_name, ConvFrozenBN(conv, folded))
+
+
+def fold_frozen_batchnorm(resnet: nn.Module) -> None:
+    """Fold every frozen BN of a torchvision ResNet into its conv, in place (same state dict)."""
+    _fold_pair(resnet, "conv1", "bn1")
+    for stage in (resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4):
+        for block in stage:
+            for i in (1, 2, 3):
+                if hasattr(block, f"conv{i}"):
+                    _fold_pair(block, f"conv{i}", f"bn{i}")
+            if block.downsample is not None:
+                _fold_pair(block.downsample, "0", "1")
+
+
 class ResNetBackbone(nn.Module):
     """ResNet stem + stages res2..res5 returning ``{2: C2, 3: C3, 4: C4, 5: C5}``.
 
@@ -55,9 +123,19 @@ class ResNetBackbone(nn.Module):
             top (torchvision's ``trainable_backbone_layers``); 0 freezes the whole body.
         last_level: deepest stage computed (4 for the single-scale C4 baseline, which never
             runs res5); stages above it are not built.
+        fold_frozen_bn: with ``norm="frozen_bn"``, apply each frozen BN inside its conv's
+            weights (`ConvFrozenBN`): the same function up to float rounding, faster.
     """
 
-    def __init__(self, *, depth_name: str, norm: str, trainable_stages: int, last_level: int = 5) -> None:
+    def __init__(
+        self,
+        *,
+        depth_name: str,
+        norm: str,
+        trainable_stages: int,
+        last_level: int = 5,
+        fold_frozen_bn: bool = False,
+    ) -> None:
         super().__init__()
         if depth_name not in STAGE_CHANNELS:
             raise ValueError(f"unknown backbone {depth_name!r} (choose from {tuple(STAGE_CHANNELS)})")
@@ -66,6 +144,8 @@ class ResNetBackbone(nn.Module):
         if last_level not in (2, 3, 4, 5):
             raise ValueError(f"last_level must be in 2..5, got {last_level}")
         resnet = getattr(torchvision.models, depth_name)(weights=None, norm_layer=norm_layer_factory(norm))
+        if fold_frozen_bn and norm == "frozen_bn":
+            fold_frozen_batchnorm(resnet)
         self.conv1 = resnet.conv1
         self.bn1 = resnet.bn1
         self.relu = resnet.relu

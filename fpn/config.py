@@ -100,6 +100,9 @@ class ModelConfig:
     # Execution: run the convolutions in NHWC memory format (faster with oneDNN on CPU and
     # tensor cores on GPU); results differ from NCHW by float rounding only.
     channels_last: bool = True
+    # Execution: with norm "frozen_bn", fold each frozen BN into its conv's weights (saves two
+    # passes over every activation map); same state dict, results differ by float rounding.
+    fold_frozen_bn: bool = True
 
     def __post_init__(self) -> None:
         # Lists (e.g. from YAML or keyword arguments) become tuples: hashable, comparable.
@@ -149,7 +152,7 @@ class ModelConfig:
         self._choice("backbone", BACKBONES, "backbone")
         self._choice("norm", NORMS, "norm")
         self._choice("pyramid", PYRAMIDS, "pyramid")
-        for name in ("shared_rpn_head", "channels_last"):
+        for name in ("shared_rpn_head", "channels_last", "fold_frozen_bn"):
             if not isinstance(getattr(self, name), bool):
                 raise self._error(name, f"expected true or false, got {getattr(self, name)!r}")
         self._number("trainable_stages", integer=True, low=0, high=5)
@@ -216,8 +219,8 @@ class ModelConfig:
     @classmethod
     def torchvision(cls) -> ModelConfig:
         """The config mirroring torchvision's ``fasterrcnn_resnet50_fpn`` (91 outputs, frozen
-        BN, 3 trainable stages, NCHW convolutions so the arithmetic is the same)."""
-        return cls(num_classes=90, channels_last=False)
+        BN, 3 trainable stages; NCHW convolutions and unfolded BN, so the arithmetic is the same)."""
+        return cls(num_classes=90, channels_last=False, fold_frozen_bn=False)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, where: str = "model") -> ModelConfig:

@@ -90,6 +90,7 @@ def build_detector(cfg: ModelConfig) -> Detector:
         norm=cfg.norm,
         trainable_stages=cfg.trainable_stages,
         last_level=4 if cfg.pyramid == "single_c4" else 5,
+        fold_frozen_bn=cfg.fold_frozen_bn,
     )
     if cfg.pyramid in ("single_c4", "single_c5"):
         level = rpn_levels[0]

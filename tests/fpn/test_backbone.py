@@ -55,3 +55,28 @@ def test_bad_arguments() -> None:
         ResNetBackbone(depth_name="resnet7", norm="gn", trainable_stages=3)
     with pytest.raises(ValueError, match="trainable_stages"):
         ResNetBackbone(depth_name="resnet18", norm="gn", trainable_stages=6)
+
+
+def test_folded_frozen_bn_same_function_same_state_dict() -> None:
+    torch.manual_seed(0)
+    plain = ResNetBackbone(depth_name="resnet18", norm="frozen_bn", trainable_stages=3).eval()
+    folded = ResNetBackbone(
+        depth_name="resnet18", norm="frozen_bn", trainable_stages=3, fold_frozen_bn=True
+    ).eval()
+    g = torch.Generator().manual_seed(1)
+    state = {}
+    for name, value in plain.state_dict().items():
+        if name.endswith("running_var"):
+            value = torch.rand(value.shape, generator=g) + 0.5
+        elif name.endswith(("running_mean", "bias")):
+            value = torch.randn(value.shape, generator=g) * 0.1
+        state[name] = value
+    plain.load_state_dict(state)
+    folded.load_state_dict(state)  # same keys: strict loading works both ways
+    assert list(folded.state_dict()) == list(plain.state_dict())
+    assert [p.requires_grad for p in folded.parameters()] == [p.requires_grad for p in plain.parameters()]
+    x = torch.rand(1, 3, 64, 96, generator=g)
+    with torch.no_grad():
+        expected, got = plain(x), folded(x)
+    for level in expected:
+        torch.testing.assert_close(got[level], expected[level], rtol=1e-4, atol=1e-4)
