@@ -73,34 +73,32 @@ def load_torchvision_weights(
         if detection:
             target = map_torchvision_key(key)
         elif key.startswith("fc."):
-            continue  # ImageNet classifier
+            continue  # the ImageNet classifier
         else:
             target = "backbone." + key
+            if target.startswith("backbone.layer4.") and not hasattr(model.backbone, "layer4"):
+                continue  # the single-scale C4 baseline never builds res5
         if target.endswith("num_batches_tracked") and target not in ours:
             continue  # frozen BN keeps no counter
         targets = [target]
         if target not in ours and target.startswith("rpn.head."):
-            # Unshared RPN heads: the shared torchvision head initialises every level's head.
+            # Unshared RPN heads (rpn.head.conv.<level>.weight, ...): torchvision's one shared
+            # head initialises every level's head.
             head, _, param = target.rpartition(".")
-            targets = [
-                k
-                for k in ours
-                if k.startswith(head + ".")
-                and k.rsplit(".", 2)[-1] == param
-                and k.count(".") == target.count(".") + 1
-            ]
+            per_level = re.compile(re.escape(head) + r"\.\d+\." + re.escape(param))
+            targets = [k for k in ours if per_level.fullmatch(k)]
         if not targets or any(t not in ours for t in targets):
             unused.append(key)
             continue
         for t in targets:
             if ours[t].shape != value.shape:
                 mismatched.append(f"{key} {tuple(value.shape)} -> {t} {tuple(ours[t].shape)}")
-                continue
-            mapped[t] = value
+            else:
+                mapped[t] = value
     missing = sorted(k for k in ours if k not in mapped and not k.endswith("num_batches_tracked"))
     if not detection:
         missing = [k for k in missing if k.startswith("backbone.")]
-    if strict and (unused or mismatched or (detection and missing) or (not detection and missing)):
+    if strict and (unused or mismatched or missing):
         raise ValueError(
             "load_torchvision_weights: state dict does not fit the model: "
             f"unused source keys {unused[:10]}{'...' if len(unused) > 10 else ''}, "

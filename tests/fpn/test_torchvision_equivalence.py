@@ -159,3 +159,30 @@ def test_mismatched_state_dict_raises() -> None:
     model = fpn.build_detector(dataclasses.replace(fpn.ModelConfig(), backbone="resnet18", num_classes=3))
     with pytest.raises(ValueError, match="shape mismatches"):
         fpn.load_torchvision_weights(model, torchvision.models.resnet50(weights=None).state_dict())
+
+
+def test_unshared_rpn_heads_and_single_c4_load() -> None:
+    """torchvision's shared RPN head initialises each level's head; a plain ResNet fills a
+    C4 backbone (res5 skipped); a detection state dict into another architecture reports."""
+    torch.manual_seed(4)
+    tv = FasterRCNN(
+        _resnet_fpn_extractor(torchvision.models.resnet18(weights=None, norm_layer=FrozenBatchNorm2d), 3),
+        num_classes=4,
+    )
+    cfg = fpn.ModelConfig(backbone="resnet18", num_classes=3, shared_rpn_head=False)
+    model = fpn.build_detector(cfg)
+    report = fpn.load_torchvision_weights(model, tv.state_dict())
+    assert not report.unused and not report.missing
+    for level in ("2", "6"):
+        torch.testing.assert_close(model.rpn.head.conv[level].weight, tv.rpn.head.conv[0][0].weight)
+        torch.testing.assert_close(model.rpn.head.bbox_pred[level].bias, tv.rpn.head.bbox_pred.bias)
+    c4 = fpn.build_detector(dataclasses.replace(cfg, pyramid="single_c4", shared_rpn_head=True))
+    report = fpn.load_torchvision_weights(c4, torchvision.models.resnet18(weights=None).state_dict())
+    assert not report.missing
+    with pytest.raises(ValueError, match="unused source keys"):
+        fpn.load_torchvision_weights(c4, tv.state_dict())
+    partial = fpn.load_torchvision_weights(c4, tv.state_dict(), strict=False)
+    assert (
+        any(k.startswith("backbone.fpn.") for k in partial.unused)
+        and "backbone.conv1.weight" in partial.loaded
+    )
