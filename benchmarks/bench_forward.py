@@ -79,16 +79,22 @@ def parameters(model: nn.Module) -> int:
 
 def time_alternating(
     models: dict[str, nn.Module], image: torch.Tensor, repeats: int, warmup: int
-) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {name: [] for name in models}
+) -> dict[str, list[tuple[float, float]]]:
+    """Per model, ``repeats`` (wall seconds, process CPU seconds) of one eval forward; the
+    models take turns. CPU seconds count every thread, and hold up better than wall time
+    when other processes share the cores."""
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
     with torch.inference_mode():
         for i in range(warmup + repeats):
             for name, model in models.items():
-                start = time.perf_counter()
+                wall, cpu = time.perf_counter(), time.process_time()
                 model([image])
                 if i >= warmup:
-                    times[name].append(time.perf_counter() - start)
+                    times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
     return times
+
+
+MODELS = ("torchvision", "ours_tv_arithmetic", "ours_defaults")
 
 
 def main() -> None:
@@ -104,9 +110,9 @@ def main() -> None:
     torch.set_flush_denormal(True)  # random weights: keep denormal floats from slowing one model
     print("machine:", machine())
     lines = [
-        "| model | input | parameters | torchvision s | ours, torchvision arithmetic s | ours, defaults s "
-        "| ratio (tv arithmetic) | ratio (defaults) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | input | parameters | median wall s: torchvision / ours (tv arithmetic) / ours (defaults) "
+        "| median CPU s: same order | ours (defaults) / torchvision: wall, CPU |",
+        "|---|---|---|---|---|---|",
     ]
     for row in args.rows:
         backbone, height, width, min_size, max_size = ROWS[row]
@@ -115,20 +121,18 @@ def main() -> None:
         image = torch.rand(3, height, width, generator=torch.Generator().manual_seed(0))
         repeats = args.repeats or (7 if row == "r50" else 21)
         times = time_alternating(
-            {"torchvision": reference, "ours_tv_arithmetic": ours_tv, "ours_defaults": ours_fast},
-            image,
-            repeats,
-            args.warmup,
+            dict(zip(MODELS, (reference, ours_tv, ours_fast), strict=True)), image, repeats, args.warmup
         )
-        med = {name: statistics.median(values) for name, values in times.items()}
+        wall = {name: statistics.median(w for w, _ in values) for name, values in times.items()}
+        cpu = {name: statistics.median(c for _, c in values) for name, values in times.items()}
         lines.append(
-            f"| {backbone}-FPN | {height}x{width} | {parameters(ours_tv):,} | {med['torchvision']:.3f} "
-            f"| {med['ours_tv_arithmetic']:.3f} | {med['ours_defaults']:.3f} "
-            f"| {med['ours_tv_arithmetic'] / med['torchvision']:.2f}x | {med['ours_defaults'] / med['torchvision']:.2f}x |"
+            f"| {backbone}-FPN | {height}x{width} | {parameters(ours_tv):,} "
+            f"| {' / '.join(f'{wall[m]:.3f}' for m in MODELS)} | {' / '.join(f'{cpu[m]:.3f}' for m in MODELS)} "
+            f"| {wall['ours_defaults'] / wall['torchvision']:.2f}x, {cpu['ours_defaults'] / cpu['torchvision']:.2f}x |"
         )
-        print(f"{row}: {repeats} alternating runs each; all times (s):")
+        print(f"{row}: {repeats} alternating runs each; (wall s, CPU s):")
         for name, values in times.items():
-            print(f"  {name}: {[round(v, 3) for v in values]}")
+            print(f"  {name}: {[(round(w, 3), round(c, 3)) for w, c in values]}")
     print("\n".join(lines))
     print("machine at the end:", machine())
 
