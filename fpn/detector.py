@@ -43,6 +43,10 @@ class Detector(nn.Module):
     ) -> None:
         super().__init__()
         self.channels_last = channels_last
+        if channels_last:
+            # Conv weights in NHWC too, else each convolution converts its weight (and the
+            # weight's gradient) on every call.
+            self.to(memory_format=torch.channels_last)
         self.transform = transform
         self.backbone = backbone
         self.neck = neck
