@@ -53,7 +53,7 @@ def main() -> None:
         }
         for name in models:
             print(row(case, name, timings[name], memory[name], "step ms"))
-        for name in ("ours", "ours_nchw"):
+        for name in ("ours", "ours_as_tv"):
             ratio = timings[name].median_s / timings["torchvision"].median_s
             print(
                 f"{case:8} {name}/torchvision: step time {ratio:.3f} (images/s {1 / ratio:.3f}x), "

@@ -7,8 +7,9 @@ Cases: torchvision's ``fasterrcnn_resnet50_fpn`` settings (`fpn.ModelConfig.torc
     r18_320   ResNet-18-FPN, images 320 x 320
 Implementations, all with the same random weights (torchvision's, loaded into ours by
 `fpn.load_torchvision_weights`) and the same seeded inputs, run alternately:
-    ours         our detector as built by default (channels_last convolutions)
-    ours_nchw    ours with ``channels_last=False``: torchvision's arithmetic exactly
+    ours         our detector with our default execution settings (channels_last, ...)
+    ours_as_tv   ours with ModelConfig.torchvision()'s execution settings: torchvision's
+                 arithmetic op for op (NCHW, ...), so the gap to torchvision is the code's
     torchvision  torchvision's FasterRCNN
 """
 
@@ -32,15 +33,24 @@ CASES: dict[str, tuple[str, int, int]] = {
 }
 
 
+# ModelConfig fields that choose how the same function is computed, not what it is.
+EXECUTION_FIELDS = ("channels_last", "fold_frozen_bn")
+
+
+def _execution(source: ModelConfig) -> dict[str, object]:
+    return {name: getattr(source, name) for name in EXECUTION_FIELDS if hasattr(source, name)}
+
+
 def case_config(name: str) -> tuple[ModelConfig, int, int]:
-    """(config, image height, image width) of a case: torchvision's settings at that size."""
+    """(config, image height, image width) of a case: torchvision's model at that size, with
+    our default execution settings."""
     backbone, height, width = CASES[name]
     cfg = dataclasses.replace(
         ModelConfig.torchvision(),
         backbone=backbone,
         min_size=height,
         max_size=max(height, width),
-        channels_last=True,  # our default execution; torchvision() turns it off to match arithmetic
+        **_execution(ModelConfig()),
     )
     return cfg, height, width
 
@@ -48,9 +58,9 @@ def case_config(name: str) -> tuple[ModelConfig, int, int]:
 def case_models(cfg: ModelConfig, device: str) -> tuple[dict[str, nn.Module], dict[str, dict[str, str]]]:
     """(name -> model in eval mode on ``device``, name -> component map) of the implementations."""
     ours, theirs, _ = reference_pair(cfg, seed=0)
-    nchw = build_detector(dataclasses.replace(cfg, channels_last=False))
-    load_torchvision_weights(nchw, theirs.state_dict())
-    models = {"ours": ours, "ours_nchw": nchw, "torchvision": theirs}
+    as_tv = build_detector(dataclasses.replace(cfg, **_execution(ModelConfig.torchvision())))
+    load_torchvision_weights(as_tv, theirs.state_dict())
+    models = {"ours": ours, "ours_as_tv": as_tv, "torchvision": theirs}
     components = {
         name: TORCHVISION_COMPONENTS if name == "torchvision" else OUR_COMPONENTS for name in models
     }

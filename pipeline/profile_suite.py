@@ -42,6 +42,7 @@ from pipeline.profiling import (
     TrainStepWorkload,
     compare_detections,
     machine_description,
+    make_clock,
     measure_alternating,
     model_bytes,
     peak_call_bytes,
@@ -93,6 +94,9 @@ class _Subject:
     model: nn.Module
     components: Mapping[str, str]
     autocast: torch.dtype | None = None
+    extra_warmup: int = (
+        0  # untimed calls before the common warmup (torch.compile: compile, then recompile dynamic)
+    )
 
 
 def available_devices(wanted: tuple[str, ...]) -> tuple[list[str], list[str]]:
@@ -135,7 +139,9 @@ def _model_subjects(
             copy.deepcopy(model).to(device, memory_format=torch.channels_last).eval(), OUR_COMPONENTS
         )
     if profile.compile:
-        subjects["model_compile"] = _Subject(_compiled(model).to(device).eval(), OUR_COMPONENTS)
+        subjects["model_compile"] = _Subject(
+            _compiled(model).to(device).eval(), OUR_COMPONENTS, extra_warmup=2
+        )
     if profile.bf16:
         if bf16_supported(device):
             subjects["model_bf16"] = _Subject(
@@ -181,6 +187,10 @@ def _measure_inference(
                 )
                 for name, s in subjects.items()
             }
+            clock = make_clock(device)
+            for name, s in subjects.items():
+                for _ in range(s.extra_warmup):
+                    workloads[name](clock)
             timings = measure_alternating(
                 workloads,
                 device=device,

@@ -360,10 +360,12 @@ def measure_alternating(
 _LIBC: Any = None
 
 
-def _release_free_heap() -> None:
-    """Give the C heap's free pages back to the OS (glibc `malloc_trim`), so RSS is live memory."""
+def _release_free_heap(collect: bool) -> None:
+    """Give the C heap's free pages back to the OS (glibc `malloc_trim`), so RSS is live memory;
+    with ``collect``, first free Python's unreachable cycles (which may hold tensors)."""
     global _LIBC
-    gc.collect()
+    if collect:
+        gc.collect()
     if _LIBC is None:
         try:
             _LIBC = ctypes.CDLL("libc.so.6")
@@ -398,33 +400,39 @@ def model_bytes(model: nn.Module) -> int:
     return sum(seen.values())
 
 
-def peak_call_bytes(workload: Workload, device: torch.device | str) -> int:
-    """Memory one call takes beyond what was allocated before it (its working set), in bytes.
+def peak_call_bytes(workload: Workload, device: torch.device | str, *, repeats: int = 3) -> int:
+    """Memory one call takes beyond what was allocated before it (its working set), in bytes:
+    the median over ``repeats`` calls.
 
     CPU: the rise of the process's peak RSS (``VmHWM`` after writing 5 to
     /proc/self/clear_refs) over its RSS just before, with the C heap trimmed first so memory
-    freed by earlier calls is not reused unseen. CUDA: ``max_memory_allocated`` after
-    ``reset_peak_memory_stats`` minus ``memory_allocated`` before. Add `model_bytes` for
-    what running the model needs in all. Returns -1 where the peak cannot be read.
+    freed by earlier calls is not reused unseen (the median evens out what the allocator's
+    per-thread arenas still do). CUDA: ``max_memory_allocated`` after
+    ``reset_peak_memory_stats`` minus ``memory_allocated`` before. Add `model_bytes` for what
+    running the model needs in all. Returns -1 where the peak cannot be read.
     """
     device = torch.device(device)
     clock = make_clock(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
+    samples = []
+    for i in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            workload(clock)
+            torch.cuda.synchronize(device)
+            samples.append(int(torch.cuda.max_memory_allocated(device) - before))
+            continue
+        _release_free_heap(collect=i == 0)
+        try:
+            before = _status_kib("VmRSS")
+        except (OSError, ProfilingError):
+            return -1
+        if not _reset_peak_rss():
+            return -1
         workload(clock)
-        torch.cuda.synchronize(device)
-        return int(torch.cuda.max_memory_allocated(device) - before)
-    _release_free_heap()
-    try:
-        before = _status_kib("VmRSS")
-    except (OSError, ProfilingError):
-        return -1
-    if not _reset_peak_rss():
-        return -1
-    workload(clock)
-    return max(0, _status_kib("VmHWM") - before) * 1024
+        samples.append(max(0, _status_kib("VmHWM") - before) * 1024)
+    return int(statistics.median(samples))
 
 
 # --------------------------------------------------------------------------- inputs
