@@ -41,6 +41,7 @@ HISTORY_COLUMNS = (
     "lr",
     "step_time_s",
     "epoch",
+    "grad_norm",  # before clipping
 )
 
 

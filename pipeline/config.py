@@ -107,6 +107,7 @@ class TrainConfig:
     experiment: str = "fpn"  # MLflow experiment
     threads: int = 0  # torch threads per worker; 0 = the worker's CPUs (Ray) or torch's default
     flush_denormal: bool = True  # CPU: flush denormal floats (a from-scratch detector slows ~3x without)
+    grad_clip_norm: float | None = None  # clip the global gradient L2 norm to this; null = no clipping
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,9 @@ class TrainJob:
     tracking_uri: str | None  # None: no MLflow
     init_weights_file: str | None  # a local torchvision state dict, or None (random init)
     status_dir: str | None = None  # each rank writes rank<k>.json here (pid, iteration, checksum)
+    # Extra tags of the MLflow run rank 0 opens, e.g. (("mlflow.parentRunId", <id>),) to make it a
+    # child run (stage tune: each trial is a child of the sweep's run).
+    run_tags: tuple[tuple[str, str], ...] = ()
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -257,6 +260,7 @@ def train_worker(job: TrainJob, session: Session) -> dict[str, Any]:
         if restored.get("scaler"):
             scaler.load_state_dict(restored["scaler"])
     seed_random_streams(job, session, restored)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     net: torch.nn.Module = model
     if session.world_size > 1:
         # Gradients are averaged over ranks in backward; parameters start equal because DDP
@@ -267,6 +271,7 @@ def train_worker(job: TrainJob, session: Session) -> dict[str, Any]:
     mlflow_run_id = restored["run"].get("mlflow_run_id") if restored else None
     if is_main and job.tracking_uri:
         tags = {"run_name": job.run_name, "data_hash": job.data_hash, "git_commit": job.git_commit}
+        tags.update(dict(job.run_tags))
         run = TrackedRun.open(
             job.tracking_uri, t.experiment, run_id=mlflow_run_id, run_name=job.run_name, tags=tags
         )
@@ -341,6 +346,10 @@ def train_worker(job: TrainJob, session: Session) -> dict[str, Any]:
                     )
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)  # true gradients for the norm (a no-op without fp16)
+                grad_norm = float(
+                    torch.nn.utils.clip_grad_norm_(trainable, t.grad_clip_norm or math.inf, foreach=True)
+                )
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
@@ -353,10 +362,12 @@ def train_worker(job: TrainJob, session: Session) -> dict[str, Any]:
                 progress.train_seconds += step_time
                 window_images += global_batch
                 window_seconds += step_time
-                row = [iteration, total, *values.values(), lr, step_time, progress.epoch]
+                row = [iteration, total, *values.values(), lr, step_time, progress.epoch, grad_norm]
                 history.append(row)
                 if is_main:
-                    pending_mlflow.append((iteration, {"loss": total, **values, "lr": lr}))
+                    pending_mlflow.append(
+                        (iteration, {"loss": total, **values, "lr": lr, "grad_norm": grad_norm})
+                    )
                 printer.step(f"loss {total:.3f} lr {lr:.3g}")
 
                 finished = iteration >= t.iterations

@@ -58,6 +58,8 @@ def check_train_params(params: Params) -> None:
     _at_least("max_failures", t.max_failures, -1)  # -1: retry forever (Ray's convention)
     _at_least("log_every", t.log_every, 1)
     _at_least("threads", t.threads, 0)
+    if t.grad_clip_norm is not None:
+        _positive("grad_clip_norm", t.grad_clip_norm)
     if not t.experiment.strip():
         raise ConfigError("train.experiment: must name an MLflow experiment, got an empty string")
     _check_init_weights(params)

@@ -16,6 +16,7 @@ Each module's session fixture takes a reference; the cluster stops when the last
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -52,6 +53,8 @@ class LocalRayCluster:
     process: subprocess.Popen = field(repr=False)
     token: str = field(repr=False, default="")
     users: int = 0
+    node_env: dict[str, str] = field(repr=False, default_factory=dict)  # what the head was started with
+    nodes: list[subprocess.Popen] = field(repr=False, default_factory=list)  # `add_node`'s, oldest first
 
     @property
     def client_env(self) -> dict[str, str]:
@@ -62,19 +65,64 @@ class LocalRayCluster:
         """The current environment pointed at this cluster (for a driver or CLI run as a subprocess)."""
         return {**os.environ, **self.client_env, **extra}
 
+    def add_node(self, num_cpus: int = 1) -> None:
+        """Join a second (third, ...) node to the cluster: ``ray start --address <head> --block``.
+
+        A node of its own on this machine (its own raylet, node id and worker processes), as a
+        worker machine would be; returns once the cluster counts it alive.
+        """
+        command = [
+            str(Path(sys.executable).parent / "ray"), "start", "--address", self.address, "--block",
+            "--num-cpus", str(num_cpus), "--node-ip-address", "127.0.0.1", "--disable-usage-stats",
+            "--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port()),
+            "--runtime-env-agent-port", str(_free_port()), "--metrics-export-port", str(_free_port()),
+        ]  # fmt: skip
+        log_path = self.temp_dir / f"ray_start_node{len(self.nodes) + 1}.log"
+        with log_path.open("wb") as log:
+            node = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.node_env)
+        self.nodes.append(node)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while self.alive_nodes() < 1 + len(self.nodes):
+            if node.poll() is not None or time.monotonic() > deadline:
+                text = log_path.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"ray start --address {self.address} did not join:\n{text}")
+            time.sleep(1.0)
+
+    def alive_nodes(self) -> int:
+        """How many nodes the cluster counts alive (``ray list nodes``)."""
+        listed = subprocess.run(
+            [str(Path(sys.executable).parent / "ray"), "list", "nodes", "--address", self.dashboard,
+             "--format", "json", "--filter", "state=ALIVE"],
+            env=self.env(), capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        try:
+            return len(json.loads(listed.stdout)) if listed.returncode == 0 else 0
+        except json.JSONDecodeError:
+            return 0
+
     def stop(self) -> None:
         """Terminate ``ray start --block`` (it stops what it started); kill its leftovers after 15 s."""
-        started = psutil.Process(self.process.pid).children(recursive=True)
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        _, alive = psutil.wait_procs(started, timeout=5)
-        for process in alive:
-            process.kill()
+        for node in reversed(self.nodes):  # worker nodes first, then the head
+            _terminate(node)
+        _terminate(self.process)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _terminate(process: subprocess.Popen) -> None:
+    """SIGTERM one ``ray start --block`` process and wait; SIGKILL it and what it started after 15 s."""
+    try:
+        started = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        started = []
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    _, alive = psutil.wait_procs(started, timeout=5)
+    for leftover in alive:
+        leftover.kill()
 
 
 def start_cluster(num_cpus: int = 2) -> LocalRayCluster:
@@ -86,6 +134,10 @@ def start_cluster(num_cpus: int = 2) -> LocalRayCluster:
         str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--port", str(port), "--num-cpus", str(num_cpus),
         "--node-ip-address", "127.0.0.1", "--temp-dir", str(temp_dir), "--include-dashboard", "true",
         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port), "--disable-usage-stats",
+        # Ray's fixed default ports (e.g. the job agent's 52365) clash with other clusters on the machine.
+        "--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port()),
+        "--runtime-env-agent-port", str(_free_port()), "--metrics-export-port", str(_free_port()),
+        "--ray-client-server-port", str(_free_port()),
     ]  # fmt: skip
     log = (temp_dir / "ray_start.log").open("wb")
     token = secrets.token_hex(16)
@@ -96,6 +148,10 @@ def start_cluster(num_cpus: int = 2) -> LocalRayCluster:
         # ray.train.report blocks until the controller has collected the previous report, and it
         # polls every 2 s by default: tests that report every step would mostly wait.
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+        # The state API finds its cluster through this when several run on the machine (else it
+        # fails "Found multiple active Ray instances"); Ray Train's placement-group cleaner uses it
+        # to free the workers of a run whose controller died (e.g. a Tune trial that ASHA stopped).
+        "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}",
     }
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     dashboard = f"http://127.0.0.1:{dashboard_port}"
@@ -114,8 +170,9 @@ def start_cluster(num_cpus: int = 2) -> LocalRayCluster:
             raise RuntimeError(f"ray start did not come up:\n{text}")
         time.sleep(0.5)
     return LocalRayCluster(
-        address=f"127.0.0.1:{port}", dashboard=dashboard, temp_dir=temp_dir, process=process, token=token
-    )
+        address=f"127.0.0.1:{port}", dashboard=dashboard, temp_dir=temp_dir, process=process, token=token,
+        node_env=env,
+    )  # fmt: skip
 
 
 _shared: LocalRayCluster | None = None
@@ -136,3 +193,19 @@ def ray_cluster() -> Iterator[LocalRayCluster]:
         if cluster.users == 0:
             cluster.stop()
             _shared = None
+
+
+def registered_checkpoint(storage: Path) -> int:
+    """Iteration of the newest checkpoint Ray Train has registered (0: none yet).
+
+    Ray registers a reported checkpoint when its controller next polls the workers (every
+    ~2 s): one reported just before a crash may be lost, and the run resumes from the one before.
+    """
+    for snapshot in storage.glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+        except json.JSONDecodeError:
+            continue  # being rewritten
+        if latest:
+            return int(latest["metrics"]["iteration"])
+    return 0

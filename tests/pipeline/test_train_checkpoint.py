@@ -27,7 +27,7 @@ def state(iteration: int) -> dict:
     model(torch.ones(1, 3)).sum().backward()
     opt.step()
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
-    rows = [[i, 1.0 / i, 0.1, 0.2, 0.3, 0.4, 0.02, 0.5, 0] for i in range(1, iteration + 1)]
+    rows = [[i, 1.0 / i, 0.1, 0.2, 0.3, 0.4, 0.02, 0.5, 0, 3.0] for i in range(1, iteration + 1)]
     return {
         "model": model.state_dict(),
         "optimizer": opt.state_dict(),

@@ -30,6 +30,7 @@ def params(**train: object):
         ({"checkpoint_every": 0}, "train.checkpoint_every: must be >= 1, got 0"),
         ({"log_every": 0}, "train.log_every: must be >= 1, got 0"),
         ({"threads": -1}, "train.threads: must be >= 0, got -1"),
+        ({"grad_clip_norm": 0.0}, "train.grad_clip_norm: must be > 0, got 0.0"),
         ({"flip_prob": 1.5}, "train.flip_prob: must be in [0, 1], got 1.5"),
         ({"experiment": " "}, "train.experiment: must name an MLflow experiment"),
         ({"init_weights": "no/such/file.pth"}, "train.init_weights: 'no/such/file.pth' is neither"),

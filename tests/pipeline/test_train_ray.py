@@ -1,4 +1,7 @@
-"""Ray Train on a real local cluster: 2 CPU workers over gloo, a killed worker, a killed job."""
+"""Ray Train on a real local cluster: 2 CPU workers over gloo stay in sync; a killed worker resumes.
+
+The whole job killed and started again: tests/stages/test_train.py (via `ray job submit`).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.model_file import load_model_file
-from tests.ray_cluster import LocalRayCluster, ray_cluster  # noqa: F401 (session fixture)
+from tests.ray_cluster import LocalRayCluster, ray_cluster, registered_checkpoint  # noqa: F401 (fixture)
 from tests.train_samples import tiny_data, tiny_params, write_params
 
 pytestmark = pytest.mark.slow
@@ -70,22 +73,6 @@ def steps_in(plots: Path) -> list[int]:
     return [int(line.split(",")[0]) for line in plots.read_text().splitlines()[1:]]
 
 
-def registered_checkpoint(storage: Path) -> int:
-    """Iteration of the newest checkpoint Ray Train has registered (0: none yet).
-
-    Ray registers a reported checkpoint when its controller next polls the workers (every
-    ~2 s): one reported just before a crash may be lost, and the run resumes from the one before.
-    """
-    for snapshot in storage.glob("*/checkpoint_manager_snapshot.json"):
-        try:
-            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
-        except json.JSONDecodeError:
-            continue  # being rewritten
-        if latest:
-            return int(latest["metrics"]["iteration"])
-    return 0
-
-
 def test_two_workers_stay_in_sync_and_a_killed_worker_resumes(
     ray_cluster: LocalRayCluster,  # noqa: F811
     data: Path,
@@ -134,28 +121,3 @@ def test_two_workers_stay_in_sync_and_a_killed_worker_resumes(
     )
     lrs = client.get_metric_history(runs[0].info.run_id, "lr")
     assert max(m.value for m in lrs) == pytest.approx(0.08 * 4 / 16)
-
-
-def test_job_killed_and_started_again_resumes(
-    ray_cluster: LocalRayCluster,  # noqa: F811
-    data: Path,
-    tmp_path: Path,
-) -> None:
-    total = 20
-    raw = tiny_params(**TWO_WORKERS, iterations=total, checkpoint_every=3, log_every=1)
-    params = write_params(tmp_path / "params.yaml", raw)
-    status, log = tmp_path / "status", tmp_path / "stage.log"
-    first = start_stage(ray_cluster, params, data, tmp_path)
-
-    wait_for(lambda: registered_checkpoint(tmp_path / "runs") > 0, "a registered checkpoint", first, log)
-    first.send_signal(signal.SIGKILL)  # the whole job: the driver dies, and Ray ends its actors
-    first.wait()
-    kept = registered_checkpoint(tmp_path / "runs")
-    assert read_status(status, 0)["iteration"] < total and not (tmp_path / "model.pt").exists()
-
-    again = start_stage(ray_cluster, params, data, tmp_path)
-    finish(again, log)
-    metrics = json.loads((tmp_path / "train.json").read_text())
-    assert metrics["iterations"] == total and metrics["attempts"] == 2
-    assert read_status(status, 0)["start_iteration"] >= kept > 0
-    assert steps_in(tmp_path / "loss.csv") == list(range(1, total + 1))

@@ -1,0 +1,131 @@
+"""`python -m stages.train`: bad params fail before any work; `ray job submit` on a real local cluster,
+stopped mid-run and submitted again (resumes).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from pipeline.model_file import load_model_file
+from tests.ray_cluster import LocalRayCluster, ray_cluster, registered_checkpoint  # noqa: F401 (fixture)
+from tests.train_samples import tiny_data, tiny_params, write_params
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_data(tmp_path_factory.mktemp("stage-train-data"))
+
+
+def stage_args(params: Path, data: Path, out: Path) -> list[str]:
+    return [
+        "--params", str(params), "--data", str(data), "--model-out", str(out / "models/model.pt"),
+        "--metrics", str(out / "metrics/train.json"), "--plots", str(out / "plots/train_loss.csv"),
+        "--storage-path", str(out / "runs"),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("train", "message"),
+    [
+        ({"num_workers": 0}, "train.num_workers: must be >= 1, got 0"),  # the rest: test_train_preflight.py
+        ({"lrr": 0.1}, "train.lrr: unknown key"),
+    ],
+)
+def test_bad_params_fail_before_any_work(data: Path, tmp_path: Path, train: dict, message: str) -> None:
+    params = write_params(tmp_path / "params.yaml", tiny_params(**train))
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.train", *stage_args(params, data, tmp_path)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr
+    assert "Ray" not in result.stderr, "no Ray cluster was started"
+    assert not any((tmp_path / name).exists() for name in ("models", "metrics", "plots", "runs", "mlflow.db"))
+    assert time.perf_counter() - started < 60
+
+
+def test_no_gpu_and_wrong_class_count_fail_naming_the_key(data: Path, tmp_path: Path) -> None:
+    for raw, message in (
+        (tiny_params(use_gpu=True), "train.use_gpu: true, but this machine has no GPU"),
+        (tiny_params(model={"num_classes": 5}), "model.num_classes: 5, but"),
+    ):
+        params = write_params(tmp_path / "params.yaml", raw)
+        result = subprocess.run(
+            [sys.executable, "-m", "stages.train", *stage_args(params, data, tmp_path), "--no-ray"],
+            capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        )  # fmt: skip
+        assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+        assert not (tmp_path / "models").exists()
+
+
+def submit(cluster: LocalRayCluster, args: list[str], uri: str, *, job_id: str, wait: bool) -> str:  # noqa: F811
+    """``ray job submit`` of the stage from the repo root; returns the CLI's output."""
+    command = [
+        str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", cluster.dashboard,
+        "--submission-id", job_id, *([] if wait else ["--no-wait"]), "--working-dir", str(REPO_ROOT),
+        "--runtime-env-json", json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": uri}}),
+        "--", "python", "-m", "stages.train", *args,
+    ]  # fmt: skip
+    deadline = time.monotonic() + 120
+    while True:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=480, env=cluster.env())
+        # A fresh head node's job agent needs a moment before it takes jobs.
+        if "No available agent to submit job" not in result.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_ray_job_submit_killed_and_submitted_again_resumes(
+    ray_cluster: LocalRayCluster,  # noqa: F811
+    data: Path,
+    tmp_path: Path,
+) -> None:
+    # A job runs in a temporary copy of --working-dir: every path and the tracking URI absolute.
+    total = 16
+    raw = tiny_params(iterations=total, checkpoint_every=3, log_every=1)
+    args = stage_args(write_params(tmp_path / "params.yaml", raw), data, tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    first = f"fpn-train-{uuid.uuid4().hex[:8]}"
+    submit(ray_cluster, args, uri, job_id=first, wait=False)
+
+    deadline = time.monotonic() + 300
+    while registered_checkpoint(tmp_path / "runs") == 0:
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.2)
+    ray = str(Path(sys.executable).parent / "ray")
+    stop = [ray, "job", "stop", "--address", ray_cluster.dashboard, first]
+    subprocess.run(stop, capture_output=True, text=True, timeout=120, env=ray_cluster.env(), check=True)
+    kept = registered_checkpoint(tmp_path / "runs")
+    assert not (tmp_path / "models/model.pt").exists(), "the job was stopped mid-run"
+
+    output = submit(ray_cluster, args, uri, job_id=f"{first}-again", wait=True)
+    assert f"stages.train: {total} iterations" in output
+    metrics = json.loads((tmp_path / "metrics/train.json").read_text())
+    assert metrics["iterations"] == total and metrics["attempts"] == 2
+    steps = [
+        int(line.split(",")[0]) for line in (tmp_path / "plots/train_loss.csv").read_text().splitlines()[1:]
+    ]
+    assert steps == list(range(1, total + 1)), "resumed, the step count continued"
+    assert f"resuming at iteration {kept}" in output
+
+    loaded = load_model_file(tmp_path / "models/model.pt")
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(loaded.extra["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == loaded.extra["run_name"]
+    assert len(client.search_runs([run.info.experiment_id])) == 1, "the resumed job continued the same run"
+    models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert any(m.name == "model" and m.source_run_id == run.info.run_id for m in models)
