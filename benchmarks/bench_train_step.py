@@ -48,7 +48,8 @@ def main() -> None:
             desc=case,
         )
         memory = {
-            name: (model_bytes(models[name]) + peak_call_bytes(w, args.device)) / MB
+            name: (model_bytes(models[name]) + peak_call_bytes(w, args.device, repeats=args.memory_repeats))
+            / MB
             for name, w in workloads.items()
         }
         for name in models:

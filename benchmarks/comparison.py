@@ -76,6 +76,9 @@ def parser(description: str, *, warmup: int, iterations: int) -> argparse.Argume
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--warmup", type=int, default=warmup, help="untimed calls per model")
     p.add_argument("--iterations", type=int, default=iterations, help="timed calls per model (alternating)")
+    p.add_argument(
+        "--memory-repeats", type=int, default=3, help="calls per model for the peak memory (median)"
+    )
     return p
 
 
@@ -96,12 +99,13 @@ def row(case: str, impl: str, timing: Timing, memory_mb: float, unit: str) -> st
     )
     return (
         f"{case:8} {impl:12} {timing.median_s * 1000:9.1f} {timing.p90_s * 1000:9.1f} "
-        f"{timing.images_per_s:8.3f} {memory_mb:8.0f}  {split}"
+        f"{timing.cpu_median_s * 1000:9.1f} {timing.images_per_s:8.3f} {memory_mb:8.0f}  {split}"
     )
 
 
 def header(unit: str) -> str:
     line = (
-        f"{'case':8} {'impl':12} {unit + ' p50':>9} {unit + ' p90':>9} {'img/s':>8} {'mem MB':>8}  split (ms)"
+        f"{'case':8} {'impl':12} {unit + ' p50':>9} {unit + ' p90':>9} {'cpu ms':>9} "
+        f"{'img/s':>8} {'mem MB':>8}  split (ms)"
     )
     return line + "\n" + "-" * len(line)

@@ -3,12 +3,12 @@
 
 Metric names (all flat, values numbers; ms = milliseconds, MB = 2**20 bytes):
 
-    <device>.<subject>.bs<b>.{images_per_s, latency_median_ms, latency_p90_ms,
+    <device>.<subject>.bs<b>.{images_per_s, latency_median_ms, latency_p90_ms, cpu_time_median_ms,
                               memory_mb, working_memory_mb, split.<part>_ms}
-    <device>.train.<subject>.{images_per_s, step_median_ms, step_p90_ms, memory_mb,
-                              split.<part>_ms}
-    <device>.bs<b>.ours_over_torchvision.{latency, memory}      < 1: ours is better
-    <device>.train.ours_over_torchvision.{step_time, memory}
+    <device>.train.<subject>.{images_per_s, step_median_ms, step_p90_ms, cpu_time_median_ms,
+                              memory_mb, split.<part>_ms}
+    <device>.bs<b>.ours_over_torchvision.{latency, cpu_time, memory}   < 1: ours is better
+    <device>.train.ours_over_torchvision.{step_time, cpu_time, memory}
     <device>.bs<b>.fpn_over_single_c4.latency                    the paper: about 1
     <device>.bs<b>.{detections, unmatched, max_box_diff, max_score_diff}
                                     ours vs torchvision, same weights, at score threshold 0
@@ -68,6 +68,8 @@ def flat_metrics(result: ProfileResult) -> dict[str, float]:
         metrics[f"{prefix}.images_per_s"] = t.images_per_s
         metrics[f"{prefix}.{step}_median_ms"] = t.median_s * 1000
         metrics[f"{prefix}.{step}_p90_ms"] = t.p90_s * 1000
+        if t.cpu_seconds:
+            metrics[f"{prefix}.cpu_time_median_ms"] = t.cpu_median_s * 1000
         if m.memory_bytes >= 0:
             metrics[f"{prefix}.memory_mb"] = m.memory_bytes / MB
             metrics[f"{prefix}.working_memory_mb"] = m.working_bytes / MB
@@ -84,6 +86,7 @@ def flat_metrics(result: ProfileResult) -> dict[str, float]:
             if ours and theirs:
                 key = f"{device}.bs{b}.ours_over_torchvision"
                 metrics[f"{key}.latency"] = _ratio(ours.timing.median_s, theirs.timing.median_s)
+                metrics[f"{key}.cpu_time"] = _ratio(ours.timing.cpu_median_s, theirs.timing.cpu_median_s)
                 if ours.memory_bytes > 0 and theirs.memory_bytes > 0:
                     metrics[f"{key}.memory"] = _ratio(ours.memory_bytes, theirs.memory_bytes)
             fpn, single = (
@@ -101,6 +104,9 @@ def flat_metrics(result: ProfileResult) -> dict[str, float]:
         if ours and theirs:
             metrics[f"{device}.train.ours_over_torchvision.step_time"] = _ratio(
                 ours.timing.median_s, theirs.timing.median_s
+            )
+            metrics[f"{device}.train.ours_over_torchvision.cpu_time"] = _ratio(
+                ours.timing.cpu_median_s, theirs.timing.cpu_median_s
             )
             if ours.memory_bytes > 0 and theirs.memory_bytes > 0:
                 metrics[f"{device}.train.ours_over_torchvision.memory"] = _ratio(
@@ -198,7 +204,10 @@ def format_table(result: ProfileResult) -> str:
     """A plain-text table: one line per measurement, then the ratios and notes."""
     machine = ", ".join(f"{k} {v}" for k, v in result.machine.items())
     lines = [f"machine: {machine}"]
-    header = f"{'device':6} {'subject':20} {'kind':6} {'bs':>3} {'p50 ms':>9} {'p90 ms':>9} {'img/s':>8} {'mem MB':>8}  split (ms)"
+    header = (
+        f"{'device':6} {'subject':20} {'kind':6} {'bs':>3} {'p50 ms':>9} {'p90 ms':>9} {'cpu ms':>9} "
+        f"{'img/s':>8} {'mem MB':>8}  split (ms)"
+    )
     lines += [header, "-" * len(header)]
     for m in result.measurements:
         t = m.timing
@@ -206,8 +215,8 @@ def format_table(result: ProfileResult) -> str:
         split = " ".join(f"{part} {ms * 1000:.1f}" for part, ms in t.split_s().items() if ms * 1000 >= 0.05)
         kind = "train" if m.kind == "train_step" else "infer"
         lines.append(
-            f"{m.device:6} {m.subject:20} {kind:6} {t.batch_size:3d} {t.median_s * 1000:9.1f} {t.p90_s * 1000:9.1f} "
-            f"{t.images_per_s:8.2f} {memory}  {split}"
+            f"{m.device:6} {m.subject:20} {kind:6} {t.batch_size:3d} {t.median_s * 1000:9.1f} "
+            f"{t.p90_s * 1000:9.1f} {t.cpu_median_s * 1000:9.1f} {t.images_per_s:8.2f} {memory}  {split}"
         )
     ratios = {k: v for k, v in flat_metrics(result).items() if "_over_" in k}
     if ratios:

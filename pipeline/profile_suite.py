@@ -208,7 +208,7 @@ def _measure_inference(
                         kind="inference",
                         timing=timings[name],
                         weights_bytes=model_bytes(subjects[name].model),
-                        working_bytes=peak_call_bytes(workload, device),
+                        working_bytes=peak_call_bytes(workload, device, repeats=min(3, profile.iterations)),
                     )
                 )
         if "ref_ours" in subjects and "ref_torchvision" in subjects:
@@ -247,7 +247,7 @@ def _measure_train_steps(
                 kind="train_step",
                 timing=timings[name],
                 weights_bytes=model_bytes(models[name]),
-                working_bytes=peak_call_bytes(workload, device),
+                working_bytes=peak_call_bytes(workload, device, repeats=min(3, profile.iterations)),
             )
         )
 

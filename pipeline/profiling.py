@@ -126,11 +126,14 @@ Workload = Callable[[Clock], list[Span]]
 
 @dataclass
 class Timing:
-    """Per-call times of one workload: ``seconds[i]`` for call i, ``parts[name][i]`` its split."""
+    """Per-call times of one workload: ``seconds[i]`` (wall) for call i, ``parts[name][i]`` its
+    split, ``cpu_seconds[i]`` the process's CPU time in the call (all threads; on a shared
+    machine it holds up better than wall time, as waiting for a core does not count)."""
 
     batch_size: int
     seconds: list[float] = field(default_factory=list)
     parts: dict[str, list[float]] = field(default_factory=dict)
+    cpu_seconds: list[float] = field(default_factory=list)
 
     @property
     def median_s(self) -> float:
@@ -144,6 +147,10 @@ class Timing:
         low = math.floor(rank)
         high = min(low + 1, len(ordered) - 1)
         return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+    @property
+    def cpu_median_s(self) -> float:
+        return statistics.median(self.cpu_seconds) if self.cpu_seconds else math.nan
 
     @property
     def images_per_s(self) -> float:
@@ -293,9 +300,8 @@ class TrainStepWorkload:
         step_end = clock.stamp()
         self.last_loss = float(loss.detach())
         if not math.isfinite(self.last_loss):
-            raise ProfilingError(
-                f"training step: non-finite loss {self.last_loss} ({ {k: float(v) for k, v in losses.items()} })"
-            )
+            parts = {name: float(value) for name, value in losses.items()}
+            raise ProfilingError(f"training step: non-finite loss {self.last_loss} ({parts})")
         return [
             ("forward", start, forward_end),
             ("backward", forward_end, backward_end),
@@ -306,19 +312,24 @@ class TrainStepWorkload:
 # --------------------------------------------------------------------------- measuring
 
 
-def _one_call(workload: Workload, clock: Clock, parts: Sequence[str]) -> tuple[float, dict[str, float]]:
+def _one_call(
+    workload: Workload, clock: Clock, parts: Sequence[str]
+) -> tuple[float, float, dict[str, float]]:
+    """(wall seconds, process CPU seconds, split) of one call."""
     clock.sync()
+    cpu_start = time.process_time()
     start = clock.stamp()
     spans = workload(clock)
     end = clock.stamp()
     clock.sync()
+    cpu = time.process_time() - cpu_start
     total = clock.seconds(start, end)
     split = dict.fromkeys(parts, 0.0)
     for part, span_start, span_end in spans:
         split[part] = split.get(part, 0.0) + clock.seconds(span_start, span_end)
     if "other" in split:
         split["other"] = max(0.0, total - sum(v for k, v in split.items() if k != "other"))
-    return total, split
+    return total, cpu, split
 
 
 def measure_alternating(
@@ -345,10 +356,11 @@ def measure_alternating(
     rounds = tqdm(range(warmup + iterations), desc=desc or "profiling", leave=False, disable=desc is None)
     for i in rounds:
         for name, workload in workloads.items():
-            total, split = _one_call(workload, clock, parts)
+            total, cpu, split = _one_call(workload, clock, parts)
             if i < warmup:
                 continue
             results[name].seconds.append(total)
+            results[name].cpu_seconds.append(cpu)
             for part, seconds in split.items():
                 results[name].parts.setdefault(part, []).append(seconds)
     return results
