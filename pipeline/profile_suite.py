@@ -4,8 +4,10 @@ the single-scale baseline, and training steps, on every configured device that i
 Subjects (the names used in metrics, plots and the table):
 
 * ``model``: the trained model as loaded from its file; ``model_channels_last``,
-  ``model_compile``, ``model_bf16``: the same with one speed-up each (profile.channels_last,
-  profile.compile, profile.bf16), reported separately.
+  ``model_compile``, ``model_bf16``: the same with one speed-up each (profile.channels_last:
+  NHWC convolutions, for a model whose config does not use them already; profile.compile:
+  torch.compile of backbone, neck, RPN and RoI heads; profile.bf16: autocast to bfloat16 where
+  the device has native bf16), reported separately.
 * ``ref_ours`` / ``ref_torchvision``: ours and torchvision's FasterRCNN with the same random
   weights at the model's sizes (`pipeline.reference_models.reference_pair`), so the ratio
   ours / torchvision compares the implementations on identical work; their detections at
@@ -21,6 +23,7 @@ at train.batch_size with the same seeded targets.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections.abc import Mapping
 from contextlib import ExitStack
@@ -30,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fpn import ModelConfig
+from fpn import ModelConfig, build_detector
 from pipeline.config import ProfileConfig
 from pipeline.profiling import (
     INFERENCE_PARTS,
@@ -94,9 +97,8 @@ class _Subject:
     model: nn.Module
     components: Mapping[str, str]
     autocast: torch.dtype | None = None
-    extra_warmup: int = (
-        0  # untimed calls before the common warmup (torch.compile: compile, then recompile dynamic)
-    )
+    # Untimed calls before the common warmup (torch.compile: compile, then recompile dynamic).
+    extra_warmup: int = 0
 
 
 def available_devices(wanted: tuple[str, ...]) -> tuple[list[str], list[str]]:
@@ -131,13 +133,18 @@ def _compiled(model: nn.Module) -> nn.Module:
 
 
 def _model_subjects(
-    model: nn.Module, profile: ProfileConfig, device: str, notes: list[str]
+    model: nn.Module, cfg: ModelConfig, profile: ProfileConfig, device: str, notes: list[str]
 ) -> dict[str, _Subject]:
     subjects = {"model": _Subject(copy.deepcopy(model).to(device).eval(), OUR_COMPONENTS)}
     if profile.channels_last:
-        subjects["model_channels_last"] = _Subject(
-            copy.deepcopy(model).to(device, memory_format=torch.channels_last).eval(), OUR_COMPONENTS
-        )
+        if cfg.channels_last:
+            notes.append(
+                "model_channels_last skipped: the model runs channels_last already (model.channels_last)"
+            )
+        else:
+            nhwc = build_detector(dataclasses.replace(cfg, channels_last=True))
+            nhwc.load_state_dict(model.state_dict())
+            subjects["model_channels_last"] = _Subject(nhwc.to(device).eval(), OUR_COMPONENTS)
     if profile.compile:
         subjects["model_compile"] = _Subject(
             _compiled(model).to(device).eval(), OUR_COMPONENTS, extra_warmup=2
@@ -274,7 +281,7 @@ def run_profile(
     result = ProfileResult(machine=machine_description(devices[-1]), notes=notes)
     model = model.cpu()
     for device in devices:
-        subjects = _model_subjects(model, profile, device, result.notes)
+        subjects = _model_subjects(model, cfg, profile, device, result.notes)
         extra, pair = _reference_subjects(cfg, profile, device, result.notes)
         _measure_inference({**subjects, **extra}, profile, cfg, device, result)
         del subjects, extra
