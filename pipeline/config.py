@@ -166,17 +166,45 @@ class ProfileConfig:
 
 @dataclass(frozen=True)
 class TuneConfig:
-    """Section `tune:` (stage tune): Ray Tune search over train/model keys."""
+    """Section `tune:` (stage tune): Ray Tune search over train/model keys (`pipeline.tuning`).
 
-    num_samples: int = 8
-    max_concurrent_trials: int = 1
+    Each trial trains ``iterations`` iterations, scoring a checkpoint on ``val_images`` held-out
+    images of data.val_split every ``eval_every``; ASHA stops the weaker trials at
+    ``grace_period * reduction_factor**k`` iterations. The space is checked by
+    `pipeline.search_space.parse_space` (it needs the other sections).
+    """
+
+    num_samples: int = 8  # trials
+    max_concurrent_trials: int = 1  # trials at once (each takes train.num_workers x train.cpus_per_worker CPUs)
     iterations: int = 300  # training iterations per trial (the ASHA max_t)
-    grace_period: int = 50
-    metric: str = "loss"
-    mode: str = "min"
+    eval_every: int = 50  # iterations between checkpoints scored on the held-out images
+    grace_period: int = 100  # iterations before ASHA may stop a trial
+    reduction_factor: int = 3  # ASHA keeps the best 1/reduction_factor at each rung
+    metric: str = "val_ap50"  # val_ap50 | val_ap (held-out AP) | train_loss (mean since the last evaluation)
+    mode: str = "max"  # max for val_ap50/val_ap, min for train_loss
+    val_images: int = 50  # held-out images (the first of data.val_split by image id)
+    search: str = "optuna"  # optuna (TPE) | random
     seed: int = 0
     # Search space: "section.key" -> {"type": loguniform|uniform|choice|randint, ...}
     space: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        metrics = {"val_ap50": "max", "val_ap": "max", "train_loss": "min"}
+        if self.metric not in metrics:
+            raise ValueError(f"metric: must be one of {', '.join(metrics)}, got {self.metric!r}")
+        if self.mode != metrics[self.metric]:
+            raise ValueError(f"mode: {self.metric} is compared with {metrics[self.metric]}, got {self.mode!r}")
+        if self.search not in ("optuna", "random"):
+            raise ValueError(f"search: must be optuna or random, got {self.search!r}")
+        if min(self.num_samples, self.max_concurrent_trials, self.iterations, self.eval_every, self.val_images) < 1:
+            raise ValueError("num_samples, max_concurrent_trials, iterations, eval_every, val_images: must be >= 1")
+        if not self.eval_every <= self.grace_period <= self.iterations:
+            raise ValueError(
+                f"grace_period: must be in [eval_every, iterations] = [{self.eval_every}, {self.iterations}], "
+                f"got {self.grace_period}"
+            )
+        if self.reduction_factor < 2:
+            raise ValueError(f"reduction_factor: must be >= 2, got {self.reduction_factor}")
 
 
 @dataclass(frozen=True)

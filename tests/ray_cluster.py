@@ -68,16 +68,21 @@ class LocalRayCluster:
     def add_node(self, num_cpus: int = 1) -> None:
         """Join a second (third, ...) node to the cluster: ``ray start --address <head> --block``.
 
-        A node of its own on this machine (its own raylet, node id and worker processes), as a
-        worker machine would be; returns once the cluster counts it alive.
+        A node of its own on this machine (its own raylet, node id, worker processes and temp
+        dir), as a worker machine would be; returns once the cluster counts it alive. Its own temp
+        dir matters: nodes sharing one unpack a job's ``--working-dir`` into the same folder, and
+        the second node's unpacking deletes the driver's working directory under it.
         """
+        temp_dir = self.temp_dir / f"node{len(self.nodes) + 1}"  # removed with the head's
+        temp_dir.mkdir()
         command = [
             str(Path(sys.executable).parent / "ray"), "start", "--address", self.address, "--block",
             "--num-cpus", str(num_cpus), "--node-ip-address", "127.0.0.1", "--disable-usage-stats",
+            "--temp-dir", str(temp_dir),
             "--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port()),
             "--runtime-env-agent-port", str(_free_port()), "--metrics-export-port", str(_free_port()),
         ]  # fmt: skip
-        log_path = self.temp_dir / f"ray_start_node{len(self.nodes) + 1}.log"
+        log_path = temp_dir / "ray_start.log"
         with log_path.open("wb") as log:
             node = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.node_env)
         self.nodes.append(node)
