@@ -42,9 +42,10 @@ from typing import Any
 from tqdm import tqdm
 
 from fpn.config import ROI_LEVELS, RPN_LEVELS
+from pipeline.atomic_files import atomic_write_text
 from pipeline.config import ConfigError, Params, TrainConfig
 from pipeline.evaluation import PROPOSAL_KEYS
-from pipeline.evaluation_report import atomic_write_text, run_evaluate
+from pipeline.evaluation_report import run_evaluate
 from pipeline.tracking import TrackedRun, tracking_uri
 from pipeline.training import TrainOutputs, resolve_storage, run_name, train
 

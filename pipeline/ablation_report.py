@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 
 from pipeline.ablation import DETECTION_KEYS, RPN_KEYS, TIMING_KEYS, AblationRun, VariantResult
-from pipeline.evaluation_report import atomic_write_text
+from pipeline.atomic_files import atomic_write_text
 
 # What each variant is, in the words of the paper's tables.
 PYRAMID_DESCRIPTION = {

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pipeline.atomic_files import atomic_write_text
 from pipeline.config import Params
 from pipeline.dataset import read_categories, read_data_hash
 from pipeline.drawing import draw_detections
@@ -78,19 +79,6 @@ class EvaluationOutcome:
 def slug(name: str) -> str:
     """A category name as a metric-key part: ``traffic light`` -> ``traffic_light``."""
     return re.sub(r"[^0-9A-Za-z]+", "_", name).strip("_") or "unnamed"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def file_sha256(*paths: Path) -> str:

@@ -23,30 +23,18 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pipeline.atomic_files import atomic_write_bytes
 from pipeline.config import Params
 from pipeline.model_file import load_model_file
 from pipeline.profile_suite import Measurement, ProfileResult, run_profile
 from pipeline.tracking import TrackedRun, tracking_uri
 
 MB = 2**20
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _ratio(a: float, b: float) -> float:
@@ -141,7 +129,7 @@ def write_metrics(result: ProfileResult, path: Path) -> dict[str, float]:
     text = json.dumps(
         {k: (None if v != v else round(v, 6)) for k, v in metrics.items()}, indent=2, sort_keys=True
     )
-    _atomic_write_bytes(path, (text + "\n").encode())
+    atomic_write_bytes(path, (text + "\n").encode())
     return metrics
 
 
@@ -151,7 +139,7 @@ def write_split_csv(result: ProfileResult, path: Path) -> None:
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     writer.writerows(split_rows(result))
-    _atomic_write_bytes(path, buffer.getvalue().encode())
+    atomic_write_bytes(path, buffer.getvalue().encode())
 
 
 def write_split_png(result: ProfileResult, path: Path) -> None:
@@ -197,7 +185,7 @@ def write_split_png(result: ProfileResult, path: Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
-    _atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def format_table(result: ProfileResult) -> str:

@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 
 import torch
 
+from pipeline.atomic_files import atomic_write_text
 from pipeline.checkpoint import Progress, history_rows
 from pipeline.config import Params
 from pipeline.engine import LOSS_NAMES, TrainJob, train_worker
@@ -162,18 +162,6 @@ def summary_metrics(params: Params, state: dict[str, Any], wall_time_s: float) -
     return metrics
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def plots_csv(state: dict[str, Any]) -> str:
     """``step,loss,loss_rpn_cls,loss_rpn_box,loss_cls,loss_box,lr`` per optimizer step."""
     import io
@@ -254,8 +242,8 @@ def write_outputs(
         "run_name": job.run_name,
     }
     save_model_file(outputs.model, model, params.model, categories, extra)
-    _write_atomic(outputs.metrics, json.dumps(metrics, indent=2) + "\n")
-    _write_atomic(outputs.plots, plots_csv(state))
+    atomic_write_text(outputs.metrics, json.dumps(metrics, indent=2) + "\n")
+    atomic_write_text(outputs.plots, plots_csv(state))
     log.info("wrote %s, %s, %s", outputs.model, outputs.metrics, outputs.plots)
 
     final_step = int(metrics["iterations"])

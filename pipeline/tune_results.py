@@ -18,10 +18,7 @@ import csv
 import io
 import json
 import math
-import os
 import shlex
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -115,15 +112,3 @@ def best_params_text(sweep_name: str, best: dict[str, Any], space: SearchSpace, 
     )
     return header + yaml.safe_dump(best_params_document(sample), sort_keys=False)
 
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` whole or not at all (temporary file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -49,6 +49,7 @@ import yaml
 from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from pipeline.atomic_files import atomic_write_text
 from pipeline.config import ConfigError, Params, TuneConfig, params_from_dict
 from pipeline.search_space import (
     SearchSpace,
@@ -64,7 +65,6 @@ from pipeline.tune_results import (
     best_sample,
     rows_csv,
     trial_rows,
-    write_atomic,
 )
 
 log = logging.getLogger(__name__)
@@ -435,8 +435,8 @@ def tune_sweep(
         if ray.is_initialized():
             ray.shutdown()
 
-    write_atomic(outputs.results, rows_csv(rows))
-    write_atomic(outputs.best_params, best_params_text(name, best, space, cfg))
+    atomic_write_text(outputs.results, rows_csv(rows))
+    atomic_write_text(outputs.best_params, best_params_text(name, best, space, cfg))
     sample = best_sample(best, space)
     log.info("best trial %s: %s %.4f %s; wrote %s and %s", best["trial_id"], cfg.metric, best[cfg.metric], sample,
              outputs.best_params, outputs.results)  # fmt: skip

@@ -25,8 +25,8 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
+from pipeline.atomic_files import atomic_write_text
 from pipeline.drawing import draw_detections
-from pipeline.evaluation_report import atomic_write_text
 from pipeline.inference import InferenceError, detection_records, predict_images
 from pipeline.mlflow_model import is_mlflow_uri, load_detector
 from pipeline.model_file import ModelFileError
