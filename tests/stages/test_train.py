@@ -43,7 +43,6 @@ def stage_args(params: Path, data: Path, out: Path) -> list[str]:
 )
 def test_bad_params_fail_before_any_work(data: Path, tmp_path: Path, train: dict, message: str) -> None:
     params = write_params(tmp_path / "params.yaml", tiny_params(**train))
-    started = time.perf_counter()
     result = subprocess.run(
         [sys.executable, "-m", "stages.train", *stage_args(params, data, tmp_path)],
         capture_output=True, text=True, timeout=120, cwd=tmp_path,
@@ -52,7 +51,6 @@ def test_bad_params_fail_before_any_work(data: Path, tmp_path: Path, train: dict
     assert message in result.stderr
     assert "Ray" not in result.stderr, "no Ray cluster was started"
     assert not any((tmp_path / name).exists() for name in ("models", "metrics", "plots", "runs", "mlflow.db"))
-    assert time.perf_counter() - started < 60
 
 
 def test_no_gpu_and_wrong_class_count_fail_naming_the_key(data: Path, tmp_path: Path) -> None:
