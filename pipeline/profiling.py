@@ -485,14 +485,15 @@ def compare_detections(
     ours: Sequence[dict[str, Tensor]],
     theirs: Sequence[dict[str, Tensor]],
     *,
-    box_tol: float = 1e-2,
-    score_tol: float = 1e-4,
+    box_tol: float = 0.05,
+    score_tol: float = 1e-3,
 ) -> dict[str, float]:
     """How far two detectors' outputs on the same images are apart, order-insensitively.
 
     Each of our detections is matched (greedily, closest box first) to an unused one of
     theirs with the same label, boxes within ``box_tol`` pixels (largest coordinate
-    difference) and scores within ``score_tol``: float rounding may reorder near-equal scores.
+    difference) and scores within ``score_tol``: float rounding may reorder near-equal scores,
+    and other summation orders (NHWC, folded BN) move ResNet-50 boxes by ~0.01 px at 800x1333.
     Returns ``detections`` (our total), ``unmatched`` (detections of either side without a
     partner) and ``max_box_diff`` / ``max_score_diff`` over the matched pairs.
     """
