@@ -91,7 +91,9 @@ def test_dvc_repro_runs_every_stage_then_is_a_no_op(tmp_path: Path) -> None:
     assert "metrics/eval.json" in shown
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    store = f"sqlite:///{repo / 'mlflow.db'}"
+    # Both URIs explicit: earlier tests in this process may have set a global registry URI.
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert any("loss" in run.data.metrics for run in runs)
     versions = client.search_model_versions("name='fpn-detector'")
