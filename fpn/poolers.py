@@ -120,7 +120,9 @@ class MultiLevelRoIAlign(nn.Module):
             pooled = self._pool(features[level], rois[idx], level)  # (R_k, C, S, S)
             if out is None:
                 out = pooled.new_zeros((rois.shape[0], *pooled.shape[1:]))
-            out.index_copy_(0, idx, pooled)  # into the rows of this level's RoIs
+            # Into the rows of this level's RoIs. Indexed assignment (index_put_), not index_copy_:
+            # autograd keeps only the indices for it, while index_copy_ saves the pooled tensor.
+            out[idx] = pooled
         if out is None:  # no boxes at all
             out = first.new_zeros((0, first.shape[1], self.output_size, self.output_size))
         return out
