@@ -87,7 +87,8 @@ def roi_align_gather(
         + cols[:, None, :, None, :, None, :]
     )
     weight = row_w[:, :, None, :, None, :, None] * col_w[:, None, :, None, :, None, :] / (g * g)
-    index = index.reshape(num_rois * s * s, 4 * g * g)  # (R*S*S, Q)
+    # int32 halves what autograd keeps for the backward; a table has far fewer than 2^31 rows.
+    index = index.reshape(num_rois * s * s, 4 * g * g).to(torch.int32)  # (R*S*S, Q)
     weight = weight.reshape(num_rois * s * s, 4 * g * g).to(feature.dtype)
     table = feature.permute(0, 2, 3, 1).reshape(n * h * w, c)  # (N*H*W, C); a view for channels_last
     pooled = F.embedding_bag(index, table, per_sample_weights=weight, mode="sum")  # (R*S*S, C)
