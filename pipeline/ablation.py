@@ -123,8 +123,8 @@ def variant_anchor_sizes(anchor_sizes: tuple[int, ...], pyramid: str) -> tuple[i
 
 
 def ablation_schedule(train_cfg: TrainConfig, iterations: int | None) -> TrainConfig:
-    """``train:`` with ``iterations`` (None: unchanged): ``lr_steps`` scale with it (the same fractions of
-    the schedule); ``warmup_iters`` is kept (it is there for stability, not length), capped at ``iterations``."""
+    """``train:`` shortened (or lengthened) to ``iterations`` (None: unchanged), keeping its shape:
+    ``lr_steps`` and ``warmup_iters`` become the same fractions of the new length."""
     if iterations is None or iterations == train_cfg.iterations:
         return train_cfg
     factor = iterations / train_cfg.iterations
@@ -133,12 +133,8 @@ def ablation_schedule(train_cfg: TrainConfig, iterations: int | None) -> TrainCo
         scaled = max(1, round(step * factor))
         if scaled < iterations and (not steps or scaled > steps[-1]):
             steps.append(scaled)
-    return dataclasses.replace(
-        train_cfg,
-        iterations=iterations,
-        lr_steps=tuple(steps),
-        warmup_iters=min(train_cfg.warmup_iters, iterations),
-    )
+    warmup = min(max(1, round(train_cfg.warmup_iters * factor)), iterations) if train_cfg.warmup_iters else 0
+    return dataclasses.replace(train_cfg, iterations=iterations, lr_steps=tuple(steps), warmup_iters=warmup)
 
 
 def variant_params(params: Params, pyramid: str) -> Params:

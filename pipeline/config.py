@@ -225,7 +225,7 @@ class AblateConfig:
         "p2_only",
     )
     parallel: int = 1  # variants trained side by side (each its own Ray Train run)
-    iterations: int | None = None  # None: train.iterations; else train.lr_steps scale with it
+    iterations: int | None = None  # None: train.iterations; else lr_steps and warmup_iters scale with it
     experiment: str = "fpn-ablation"  # MLflow experiment of the variants' runs (instead of train.experiment)
 
     def __post_init__(self) -> None:

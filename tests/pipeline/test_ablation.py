@@ -79,13 +79,15 @@ def test_single_scale_variant_builds_and_has_all_anchors_on_its_level() -> None:
     assert model.rpn.anchor_generator.num_anchors_per_location() == {5: 15}  # 5 sizes x 3 ratios
 
 
-def test_shorter_schedule_scales_lr_steps_and_keeps_warmup() -> None:
-    train = TrainConfig(iterations=600, lr_steps=(450, 550), warmup_iters=50)
+def test_shorter_schedule_keeps_the_shape_of_the_lr_curve() -> None:
+    train = TrainConfig(iterations=600, lr_steps=(450, 550), warmup_iters=100, lr=0.04, grad_clip_norm=10.0)
     short = ablation_schedule(train, 150)
-    assert (short.iterations, short.lr_steps, short.warmup_iters) == (150, (112, 138), 50)
+    assert (short.iterations, short.lr_steps, short.warmup_iters) == (150, (112, 138), 25)
+    assert (short.lr, short.grad_clip_norm) == (0.04, 10.0)
     assert ablation_schedule(train, None) is train
     tiny = ablation_schedule(train, 4)  # steps that collapse or reach the end are dropped
-    assert tiny.lr_steps == (3,) and tiny.warmup_iters == 4
+    assert tiny.lr_steps == (3,) and tiny.warmup_iters == 1
+    assert ablation_schedule(TrainConfig(iterations=600, warmup_iters=0), 150).warmup_iters == 0
 
 
 def test_variants_differ_only_in_pyramid_anchors_and_schedule() -> None:
@@ -98,6 +100,7 @@ def test_variants_differ_only_in_pyramid_anchors_and_schedule() -> None:
     for v in variants:
         assert v.params.model.pyramid == v.name
         assert v.params.train.iterations == 150 and v.params.train.lr_steps == (112, 138)
+        assert v.params.train.warmup_iters == 12  # 50 x 150/600
         assert v.params.train.seed == 3 and v.params.train.experiment == "abl"
         assert v.params.model.fpn_channels == 32 and v.params.data == params.data
         assert v.folder(Path("/w")) == Path("/w") / v.name / v.run_name
