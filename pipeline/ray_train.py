@@ -14,6 +14,12 @@ defines the run (`pipeline.training.run_name`), so a changed config starts fresh
 
 On a multi-node cluster, ``storage_path`` and the data must be on storage every node sees
 (NFS, or an ``s3://`` URI for ``storage_path``).
+
+Measured trap: ``ray.train.report`` (the loop calls it every ``train.log_every`` steps) blocks
+until the controller has collected the previous report, and the controller polls every 2 s
+(``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``). Keep ``log_every`` steps well above 2 s of training,
+or the loop spends its time waiting. A checkpoint reported just before a crash may not be
+registered yet; the run then resumes from the one before.
 """
 
 from __future__ import annotations

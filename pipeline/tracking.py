@@ -264,12 +264,24 @@ class TrackedRun:
                     pip_requirements=pip_requirements,
                     registered_model_name=registered_model_name,
                 )
-            # start_run(run_id=...) ends by marking the run FINISHED; keep it as it was.
-            self._client.update_run(self.run_id, status="RUNNING")
             return str(info.model_uri)
         except Exception as err:  # noqa: BLE001
-            self._failed(f"the model {name!r}", err)
+            # A model that cannot be logged costs the model, not the run: metrics and the
+            # final status are still logged.
+            message = (
+                f"MLflow at {self.uri}: the model {name!r} was not logged to run {self.run_id} "
+                f"({type(err).__name__}: {err}); the run goes on"
+            )
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            log.warning(message)
             return None
+        finally:
+            # start_run(run_id=...) ends by marking the run FINISHED (FAILED when log_model
+            # raised); the run's status stays the caller's, set by finish().
+            try:
+                self._client.update_run(self.run_id, status="RUNNING")
+            except Exception as err:  # noqa: BLE001
+                self._failed(f"the run status after logging the model {name!r}", err)
 
     def finish(self, status: str = "FINISHED") -> None:
         """Mark the run FINISHED (or FAILED / KILLED)."""

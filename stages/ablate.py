@@ -1,6 +1,6 @@
 """Stage ablate: the FPN paper's ablation tables (Tables 1-3) as one command.
 
-Run (``dvc repro ablate`` does this; settings from params.yaml ``ablate:``, ``model:``, ``train:``)::
+Run (``dvc repro experiments/dvc.yaml:ablate`` does this; settings from params.yaml ``ablate:``, ``model:``, ``train:``)::
 
     python -m stages.ablate --params params.yaml --data data/preprocessed \\
         --table reports/ablation.md --metrics metrics/ablation.json --plots plots/ablation.csv \\

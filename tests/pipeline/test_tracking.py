@@ -94,3 +94,19 @@ def test_failure_mid_run_turns_logging_off_with_one_warning(tmp_path: Path) -> N
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         run.log_metrics({"loss": 0.4}, step=3)
+
+
+def test_a_model_that_cannot_be_logged_leaves_the_run_running_then_finished(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = TrackedRun.open(uri, "exp")
+    with pytest.warns(RuntimeWarning, match="the model 'model' was not logged.*the run goes on"):
+        assert run.log_pytorch_model(lambda x: x, pip_requirements=["torch"]) is None
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_run(run.run_id).info.status == "RUNNING"
+    run.log_metrics({"loss": 0.5}, step=1)  # still logging
+    run.finish()
+    got = client.get_run(run.run_id)
+    assert got.info.status == "FINISHED"
+    assert got.data.metrics["loss"] == 0.5
