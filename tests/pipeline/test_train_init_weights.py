@@ -1,0 +1,61 @@
+"""train.init_weights: a local torchvision state dict is loaded; a download that cannot happen fails at once."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from pipeline.config import ConfigError, params_from_dict
+from pipeline.engine import TrainJob, build_model
+from pipeline.init_weights import resolve_init_weights
+from tests.train_samples import tiny_params
+
+
+def test_local_imagenet_resnet_state_dict_initialises_the_bottom_up_pathway(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    resnet = torchvision.models.resnet18()
+    path = tmp_path / "resnet18.pth"
+    torch.save(resnet.state_dict(), path)
+    params = params_from_dict(tiny_params(init_weights=str(path)))
+    assert resolve_init_weights(params) == str(path.resolve())
+
+    job = TrainJob(
+        params=params, data_root="unused", run_name="t", data_hash="h", git_commit="c",
+        tracking_uri=None, init_weights_file=resolve_init_weights(params),
+    )  # fmt: skip
+    model = build_model(job, restored=None)
+    ours = model.state_dict()
+    assert torch.equal(ours["backbone.conv1.weight"], resnet.conv1.weight)
+    assert torch.equal(ours["backbone.layer4.1.conv2.weight"], resnet.layer4[1].conv2.weight)
+    # A restored checkpoint wins over init_weights.
+    restored = build_model(job, restored={"model": {k: torch.zeros_like(v) for k, v in ours.items()}})
+    assert restored.state_dict()["backbone.conv1.weight"].abs().sum() == 0
+
+
+def _online(host: str) -> bool:
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
+
+
+def test_offline_download_fails_at_once_naming_the_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if _online("download.pytorch.org"):
+        pytest.skip("download.pytorch.org resolves here: the offline error cannot happen")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # nothing cached
+    params = params_from_dict(tiny_params(init_weights="imagenet"))
+    with pytest.raises(ConfigError) as caught:
+        resolve_init_weights(params)
+    message = str(caught.value)
+    assert message.startswith(
+        "train.init_weights: 'imagenet' needs https://download.pytorch.org/models/resnet18-"
+    )
+    assert "set train.init_weights to its local path" in message
+    assert not any(tmp_path.rglob("*.pth")), "no half-downloaded file left"
