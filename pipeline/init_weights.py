@@ -13,6 +13,7 @@ local file instead.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -60,14 +61,24 @@ def resolve_init_weights(params: Params) -> str | None:
     target = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
     if target.is_file():
         return str(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        # Writes to a temporary name and renames when whole.
-        torch.hub.download_url_to_file(url, str(target), progress=True)
-    except Exception as err:  # noqa: BLE001 - URLError, HTTPError, timeouts, ... all mean "not here"
+        download_checkpoint(url, target)
+    except Exception as err:  # noqa: BLE001 - URLError, HTTPError, timeouts, a bad hash ... all mean "not here"
         raise ConfigError(
             f"train.init_weights: {value!r} needs {url}, which could not be downloaded "
             f"({type(err).__name__}: {err}). Offline, fetch that file elsewhere and either put it at "
             f"{target} or set train.init_weights to its local path"
         ) from err
     return str(target)
+
+
+def download_checkpoint(url: str, target: Path) -> None:
+    """Download ``url`` to ``target``, whole or not at all, checked against its name's hash.
+
+    torchvision names its files ``<name>-<first 8+ hex digits of the SHA-256>.pth``; that prefix
+    is verified (torch.hub's own convention). The file is written to a temporary name and
+    renamed when whole, so an interrupted or corrupt download leaves nothing at ``target``.
+    """
+    found = re.search(r"-([a-f0-9]{8,})\.", Path(urlparse(url).path).name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.hub.download_url_to_file(url, str(target), hash_prefix=found.group(1) if found else None, progress=True)
