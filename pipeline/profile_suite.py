@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -207,17 +208,8 @@ def _measure_inference(
                 parts=INFERENCE_PARTS,
                 desc=f"profile {device} inference bs{batch_size}",
             )
-            for name, workload in workloads.items():
-                result.measurements.append(
-                    Measurement(
-                        device=device,
-                        subject=name,
-                        kind="inference",
-                        timing=timings[name],
-                        weights_bytes=model_bytes(subjects[name].model),
-                        working_bytes=peak_call_bytes(workload, device, repeats=min(3, profile.iterations)),
-                    )
-                )
+            models = {name: s.model for name, s in subjects.items()}
+            _record(result, "inference", device, models, workloads, timings, profile.iterations)
         if "ref_ours" in subjects and "ref_torchvision" in subjects:
             ours, theirs = detections_at_threshold(
                 [subjects["ref_ours"].model, subjects["ref_torchvision"].model], images
@@ -246,15 +238,28 @@ def _measure_train_steps(
         parts=TRAIN_STEP_PARTS,
         desc=f"profile {device} train step bs{batch_size}",
     )
+    _record(result, "train_step", device, models, workloads, timings, profile.iterations)
+
+
+def _record(
+    result: ProfileResult,
+    kind: str,
+    device: str,
+    models: Mapping[str, nn.Module],
+    workloads: Mapping[str, Any],
+    timings: Mapping[str, Any],
+    iterations: int,
+) -> None:
+    """One `Measurement` per subject: its timing, weight bytes and the peak working set of a call."""
     for name, workload in workloads.items():
         result.measurements.append(
             Measurement(
                 device=device,
                 subject=name,
-                kind="train_step",
+                kind=kind,
                 timing=timings[name],
                 weights_bytes=model_bytes(models[name]),
-                working_bytes=peak_call_bytes(workload, device, repeats=min(3, profile.iterations)),
+                working_bytes=peak_call_bytes(workload, device, repeats=min(3, iterations)),
             )
         )
 

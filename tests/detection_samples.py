@@ -148,3 +148,22 @@ def tiny_model_file(
 
 def read_categories(root: Path) -> list[dict[str, Any]]:
     return json.loads((root / "categories.json").read_text())
+
+
+# The profiling tests' model: ResNet-18-FPN at 128/160 with small proposal budgets.
+TINY_PROFILE_CONFIG = ModelConfig(
+    backbone="resnet18",
+    norm="gn",
+    trainable_stages=5,
+    fpn_channels=32,
+    representation_size=64,
+    min_size=128,
+    max_size=160,
+    anchor_sizes=(16, 32, 64, 128, 256),
+    num_classes=3,
+    rpn_pre_nms_topk_test=300,
+    rpn_post_nms_topk_test=100,
+    rpn_pre_nms_topk_train=300,
+    rpn_post_nms_topk_train=100,
+    roi_batch_per_image=32,
+)

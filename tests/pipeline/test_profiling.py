@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from fpn import ModelConfig, build_detector
+from fpn import build_detector
 from pipeline.config import ConfigError, params_from_dict
 from pipeline.profiling import (
     INFERENCE_PARTS,
@@ -34,23 +34,9 @@ from pipeline.reference_models import (
     reference_pair,
     torchvision_reference,
 )
+from tests.detection_samples import TINY_PROFILE_CONFIG
 
-TINY = ModelConfig(
-    backbone="resnet18",
-    norm="gn",
-    trainable_stages=5,
-    fpn_channels=32,
-    representation_size=64,
-    min_size=128,
-    max_size=160,
-    anchor_sizes=(16, 32, 64, 128, 256),
-    num_classes=3,
-    rpn_pre_nms_topk_test=300,
-    rpn_post_nms_topk_test=100,
-    rpn_pre_nms_topk_train=300,
-    rpn_post_nms_topk_train=100,
-    roi_batch_per_image=32,
-)
+TINY = TINY_PROFILE_CONFIG
 
 
 @pytest.fixture(scope="module")

@@ -13,27 +13,13 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from fpn import ModelConfig, build_detector
+from fpn import build_detector
 from pipeline.model_file import save_model_file
 from stages import profile as stage
+from tests.detection_samples import TINY_PROFILE_CONFIG
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-TINY = ModelConfig(
-    backbone="resnet18",
-    norm="gn",
-    trainable_stages=5,
-    fpn_channels=32,
-    representation_size=64,
-    min_size=128,
-    max_size=160,
-    anchor_sizes=(16, 32, 64, 128, 256),
-    num_classes=3,
-    rpn_pre_nms_topk_test=300,
-    rpn_post_nms_topk_test=100,
-    rpn_pre_nms_topk_train=300,
-    rpn_post_nms_topk_train=100,
-    roi_batch_per_image=32,
-)
+TINY = TINY_PROFILE_CONFIG
 PARAMS = """
 train:
   batch_size: 1
