@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import socket
-import threading
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -16,6 +13,7 @@ import torchvision
 from pipeline.config import ConfigError, params_from_dict
 from pipeline.engine import TrainJob, build_model
 from pipeline.init_weights import download_checkpoint, resolve_init_weights
+from tests.coco_host import serve
 from tests.train_samples import tiny_params
 
 
@@ -72,17 +70,12 @@ def test_download_is_verified_against_the_hash_in_its_name(tmp_path: Path) -> No
     digest = hashlib.sha256(payload).hexdigest()
     (served / f"resnet18-{digest[:8]}.pth").write_bytes(payload)
     (served / "resnet34-0123abcd.pth").write_bytes(payload)  # its name's hash is wrong
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(served)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+    with serve(served) as host:
         good = tmp_path / "cache" / f"resnet18-{digest[:8]}.pth"
-        download_checkpoint(f"{base}/resnet18-{digest[:8]}.pth", good)
+        download_checkpoint(f"{host.url}/resnet18-{digest[:8]}.pth", good)
         assert good.read_bytes() == payload
 
         bad = tmp_path / "cache" / "resnet34-0123abcd.pth"
         with pytest.raises(RuntimeError, match="invalid hash value"):
-            download_checkpoint(f"{base}/resnet34-0123abcd.pth", bad)
+            download_checkpoint(f"{host.url}/resnet34-0123abcd.pth", bad)
         assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [good.name], "nothing half-written"
-    finally:
-        server.shutdown()
