@@ -34,9 +34,7 @@ from pipeline.reference_models import (
     reference_pair,
     torchvision_reference,
 )
-from tests.detection_samples import TINY_PROFILE_CONFIG
-
-TINY = TINY_PROFILE_CONFIG
+from tests.detection_samples import TINY_PROFILE_CONFIG as TINY
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,9 @@ from mlflow import MlflowClient
 from fpn import build_detector
 from pipeline.model_file import save_model_file
 from stages import profile as stage
-from tests.detection_samples import TINY_PROFILE_CONFIG
+from tests.detection_samples import TINY_PROFILE_CONFIG as TINY
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-TINY = TINY_PROFILE_CONFIG
 PARAMS = """
 train:
   batch_size: 1
