@@ -23,8 +23,9 @@ import contextlib
 import copy
 import io
 import json
+import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,17 @@ PROPOSAL_KEYS = ("AR100", "AR1k", "ARs1k", "ARm1k", "ARl1k")
 PROPOSAL_MAX_DETS = (100, 1000)
 # Index of each area range in COCOeval.params.areaRng (its default order).
 AREA_ALL, AREA_SMALL, AREA_MEDIUM, AREA_LARGE = 0, 1, 2, 3
+# `contextlib.redirect_stdout` swaps the process-wide ``sys.stdout``: two threads evaluating at once
+# (stages.ablate runs variants in parallel) would restore each other's buffer and leave stdout
+# pointing at a StringIO for good. One lock makes every swap-and-restore whole.
+_STDOUT_SWAP = threading.RLock()  # re-entrant: a quiet section may call another
+
+
+@contextlib.contextmanager
+def _quiet_pycocotools() -> Iterator[None]:
+    """Silence pycocotools' progress prints; thread-safe (swaps are serialized, never interleaved)."""
+    with _STDOUT_SWAP, contextlib.redirect_stdout(io.StringIO()):
+        yield
 
 
 class EvaluationError(ValueError):
@@ -98,7 +110,7 @@ def ground_truth_from_dict(dataset: dict[str, Any], *, where: str = "ground trut
     dataset["annotations"] = annotations
     coco = COCO()
     coco.dataset = dataset
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+    with _quiet_pycocotools():
         coco.createIndex()
     return coco
 
@@ -158,7 +170,7 @@ def _check_ids(gt: COCO, results: list[dict[str, Any]], where: str, *, check_cat
 
 def _results_coco(gt: COCO, results: list[dict[str, Any]]) -> COCO:
     """`gt.loadRes(results)`, or an empty result set (``loadRes([])`` raises IndexError)."""
-    with contextlib.redirect_stdout(io.StringIO()):
+    with _quiet_pycocotools():
         if results:
             return gt.loadRes(copy.deepcopy(results))  # loadRes writes area/id/iscrowd into them
         empty = COCO()
@@ -196,7 +208,7 @@ def evaluate_detections(
     evaluator = COCOeval(gt, _results_coco(gt, dets), iouType="bbox")
     if image_ids is not None:
         evaluator.params.imgIds = sorted(set(image_ids))
-    with contextlib.redirect_stdout(io.StringIO()):
+    with _quiet_pycocotools():
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
@@ -269,7 +281,7 @@ def proposal_recall(
     evaluator.params.maxDets = list(PROPOSAL_MAX_DETS)
     if image_ids is not None:
         evaluator.params.imgIds = sorted(set(image_ids))
-    with contextlib.redirect_stdout(io.StringIO()):
+    with _quiet_pycocotools():
         evaluator.evaluate()
         evaluator.accumulate()
     # recall: (T IoU thresholds, K=1 since useCats=0, A areas, M maxDets); mean over T = AR

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -201,3 +203,21 @@ def test_gt_as_detections_through_label_and_scale_mapping(shared_data: Path, tmp
     assert all(math.isclose(ap, 1.0, abs_tol=1e-6) for ap in evaluation.per_category_ap.values())
     # Over all 80 coco-mini images (74 without detections) the same detections score far lower.
     assert evaluate_detections(gt, coco_results(detections, categories)).metrics["AR100"] < 0.5
+
+
+def test_evaluations_in_parallel_threads_leave_stdout_as_it_was(capsys: pytest.CaptureFixture[str]) -> None:
+    # stages.ablate evaluates variants in threads: pycocotools' prints are silenced by swapping
+    # sys.stdout, which must never leave another thread's buffer in place (the final report vanished).
+    gt = ground_truth_from_dict(tiny_gt())
+    results = [{"image_id": 10, "category_id": 3, "bbox": [5, 5, 20, 20], "score": 0.9}]
+    stdout = sys.stdout
+
+    def evaluate_many(_: int) -> float:
+        return sum(evaluate_detections(gt, results).metrics["AP"] for _ in range(40))
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        totals = list(pool.map(evaluate_many, range(8)))
+    assert sys.stdout is stdout
+    assert len(set(totals)) == 1
+    print("still printed")
+    assert capsys.readouterr().out == "still printed\n"
