@@ -48,7 +48,21 @@ def ray_worker(config: dict[str, Any]) -> None:
         ours.addHandler(handler)
         ours.setLevel(logging.INFO)
         ours.propagate = False
+    _quiet_ray_report_lines()
     train_worker(config["job"], RaySession())
+
+
+def _quiet_ray_report_lines() -> None:
+    """Drop Ray Train V2's INFO line per ``ray.train.report`` (the whole metrics dict, every report).
+
+    Our own ``[train] iter ...`` line says the same once per ``train.log_every``. Ray names that
+    logger after its source file, not a ``ray.*`` name, so it is addressed through the module.
+    """
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: its lines stay, nothing else changes
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def connect() -> str:

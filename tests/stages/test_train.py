@@ -119,6 +119,8 @@ def test_ray_job_submit_killed_and_submitted_again_resumes(
     ]
     assert steps == list(range(1, total + 1)), "resumed, the step count continued"
     assert f"resuming at iteration {kept}" in output
+    assert f"[train] iter {total}/{total}" in output
+    assert "Reporting training result" not in output, "Ray Train's per-report INFO lines are silenced"
 
     loaded = load_model_file(tmp_path / "models/model.pt")
     client = MlflowClient(tracking_uri=uri)
