@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from comparison import case_config, case_models, header, parser, row, setup
 
-from pipeline.profiling import (
+from pipeline.profile.reference_models import detections_at_threshold
+from pipeline.profile.timing import (
     InferenceWorkload,
     compare_detections,
     measure_alternating,
@@ -22,7 +23,6 @@ from pipeline.profiling import (
     peak_call_bytes,
     synthetic_images,
 )
-from pipeline.reference_models import detections_at_threshold
 
 MB = 2**20
 

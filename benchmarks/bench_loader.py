@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from pipeline.cluster import available_cores
 from pipeline.config import load_params
 from pipeline.dataset import DetectionDataset, GroupedBatchSampler, collate
-from pipeline.parallel import available_cores
-from pipeline.preprocess import preprocess_dataset
-from pipeline.profiling import machine_description
-from pipeline.synthetic import generate_synthetic
+from pipeline.fetch.synthetic import generate_synthetic
+from pipeline.preprocess.stage import preprocess_dataset
+from pipeline.profile.timing import machine_description
 
 
 def images_per_second(dataset: DetectionDataset, workers: int, batch_size: int, images: int) -> float:

@@ -23,11 +23,11 @@ from pathlib import Path
 import PIL
 from PIL import features
 
+from pipeline.cluster import available_cores
 from pipeline.config import load_params
-from pipeline.parallel import available_cores
-from pipeline.preprocess import preprocess_dataset
-from pipeline.profiling import machine_description
-from pipeline.synthetic import generate_synthetic
+from pipeline.fetch.synthetic import generate_synthetic
+from pipeline.preprocess.stage import preprocess_dataset
+from pipeline.profile.timing import machine_description
 
 
 def main() -> None:

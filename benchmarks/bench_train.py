@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/bench_train.py --data data/preprocessed              # params.yaml's model/train
     .venv/bin/python benchmarks/bench_train.py --data data/preprocessed --iterations 40 --rounds 2
 
-Runs `pipeline.engine.train_worker` for ``--iterations`` steps in this process
-(`LocalSession`) and as a one-worker `TorchTrainer` (`pipeline.ray_train.fit`, a local Ray
+Runs `pipeline.train.loop.train_worker` for ``--iterations`` steps in this process
+(`LocalSession`) and as a one-worker `TorchTrainer` (`pipeline.train.ray_train.fit`, a local Ray
 cluster or ``RAY_ADDRESS``'s), alternating ``--rounds`` times (the machine is shared and noisy).
 Each run starts from the same seed; no MLflow, one checkpoint at the end. Images/s is over the
 steps after ``--warmup`` (per-step times, reporting and checkpointing excluded), so it compares
@@ -24,12 +24,13 @@ from pathlib import Path
 
 import torch
 
-from pipeline.checkpoint import history_rows
+from pipeline import cluster
 from pipeline.config import load_params
 from pipeline.dataset import read_data_hash
-from pipeline.engine import TrainJob, train_worker
-from pipeline.profiling import machine_description
-from pipeline.sessions import LocalSession
+from pipeline.profile.timing import machine_description
+from pipeline.train.checkpoint import history_rows
+from pipeline.train.loop import TrainJob, train_worker
+from pipeline.train.sessions import LocalSession
 
 
 def images_per_s(state: dict, warmup: int, batch: int) -> tuple[float, float]:
@@ -92,9 +93,9 @@ def main() -> None:
                     train_worker(job, session)
                     state = session.restore()
                 else:
-                    from pipeline import ray_train
+                    from pipeline.train import ray_train
 
-                    ray_train.connect()
+                    cluster.connect()
                     state = ray_train.fit(job, str(Path(tmp) / "ray"))
                 wall = time.perf_counter() - started
                 rate, median = images_per_s(state, args.warmup, train.batch_size)

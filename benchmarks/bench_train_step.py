@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from comparison import case_config, case_models, header, parser, row, setup
 
-from pipeline.profiling import (
+from pipeline.profile.timing import (
     TRAIN_STEP_PARTS,
     TrainStepWorkload,
     measure_alternating,

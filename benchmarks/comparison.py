@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from fpn import ModelConfig, build_detector, load_torchvision_weights
-from pipeline.profiling import OUR_COMPONENTS, TORCHVISION_COMPONENTS, Timing, machine_description
-from pipeline.reference_models import reference_pair
+from pipeline.profile.reference_models import reference_pair
+from pipeline.profile.timing import OUR_COMPONENTS, TORCHVISION_COMPONENTS, Timing, machine_description
 
 # name -> (backbone, image height, image width)
 CASES: dict[str, tuple[str, int, int]] = {

@@ -35,9 +35,9 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from pipeline.config import load_params
 from pipeline.dataset import DetectionDataset, GroupedBatchSampler, collate, read_categories
-from pipeline.preprocess import preprocess_dataset
-from pipeline.profiling import machine_description
-from pipeline.synthetic import generate_synthetic
+from pipeline.fetch.synthetic import generate_synthetic
+from pipeline.preprocess.stage import preprocess_dataset
+from pipeline.profile.timing import machine_description
 
 
 def build_model(num_classes: int, min_size: int, max_size: int) -> FasterRCNN:

@@ -79,6 +79,9 @@ class PreprocessConfig:
             raise ValueError(f"jpeg_quality: must be in 1..100, got {self.jpeg_quality}")
 
 
+AMP_MODES = ("bf16", "fp16", "off")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Section `train:` (stage train): Ray Train scaling, the schedule and checkpointing."""
@@ -108,6 +111,29 @@ class TrainConfig:
     threads: int = 0  # torch threads per worker; 0 = the worker's CPUs (Ray) or torch's default
     flush_denormal: bool = True  # CPU: flush denormal floats (a from-scratch detector slows ~3x without)
     grad_clip_norm: float | None = None  # clip the global gradient L2 norm to this; null = no clipping
+
+    def __post_init__(self) -> None:
+        for key, low in (("num_workers", 1), ("batch_size", 1), ("lr_reference_batch", 1), ("iterations", 1),
+                         ("weight_decay", 0.0), ("warmup_iters", 0), ("loader_workers", 0),
+                         ("checkpoint_every", 1), ("log_every", 1), ("threads", 0),
+                         ("max_failures", -1)):  # fmt: skip  # max_failures -1: retry forever (Ray's convention)
+            if getattr(self, key) < low:
+                raise ValueError(f"{key}: must be >= {low}, got {getattr(self, key)}")
+        for key in ("cpus_per_worker", "lr") + (("grad_clip_norm",) if self.grad_clip_norm is not None else ()):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"{key}: must be > 0, got {getattr(self, key)}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum: must be in [0, 1), got {self.momentum}")
+        if not 0.0 < self.warmup_factor <= 1.0:
+            raise ValueError(f"warmup_factor: must be in (0, 1], got {self.warmup_factor}")
+        if any(b <= a for a, b in zip((0, *self.lr_steps), self.lr_steps, strict=False)):
+            raise ValueError(f"lr_steps: must be increasing iterations >= 1, got {list(self.lr_steps)}")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp: must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
+        if not 0.0 <= self.flip_prob <= 1.0:
+            raise ValueError(f"flip_prob: must be in [0, 1], got {self.flip_prob}")
+        if not self.experiment.strip():
+            raise ValueError("experiment: must name an MLflow experiment, got an empty string")
 
 
 @dataclass(frozen=True)
@@ -166,12 +192,12 @@ class ProfileConfig:
 
 @dataclass(frozen=True)
 class TuneConfig:
-    """Section `tune:` (stage tune): Ray Tune search over train/model keys (`pipeline.tuning`).
+    """Section `tune:` (stage tune): Ray Tune search over train/model keys (`pipeline.tune.stage`).
 
     Each trial trains ``iterations`` iterations, scoring a checkpoint on ``val_images`` held-out
     images of data.val_split every ``eval_every``; ASHA stops the weaker trials at
     ``grace_period * reduction_factor**k`` iterations. The space is checked by
-    `pipeline.search_space.parse_space` (it needs the other sections).
+    `pipeline.tune.search_space.parse_space` (it needs the other sections).
     """
 
     num_samples: int = 8  # trials
@@ -213,7 +239,7 @@ class AblateConfig:
 
     Each variant is a ``model.pyramid`` trained and evaluated with the rest of ``model:`` and
     ``train:`` unchanged (same data, schedule and seed); ``model.anchor_sizes`` is adapted when
-    the variant has a different number of RPN levels (`pipeline.ablation.variant_anchor_sizes`).
+    the variant has a different number of RPN levels (`pipeline.ablate.stage.variant_anchor_sizes`).
     """
 
     variants: tuple[str, ...] = (
@@ -335,7 +361,9 @@ def _section(cls: type, values: Any, where: str) -> Any:
     try:
         return cls(**typed)
     except (ValueError, TypeError) as err:
-        raise ConfigError(f"{where}: {err}") from err
+        # A message that starts with one of the section's keys ("lr: must be > 0") names it in full.
+        first = str(err).split(":", 1)[0]
+        raise ConfigError(f"{where}.{err}" if first in known else f"{where}: {err}") from err
 
 
 def params_from_dict(raw: dict[str, Any], *, where: str = "params") -> Params:
@@ -350,15 +378,28 @@ def params_from_dict(raw: dict[str, Any], *, where: str = "params") -> Params:
     return Params(**{key: _section(hints[key], value, f"{where}: {key}") for key, value in raw.items()})
 
 
-def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
-    """Read `params.yaml` (and optional ``{"section.key": value}`` overrides) into `Params`."""
+def read_params_file(path: str | Path) -> dict[str, Any]:
+    """The params file as a checked nested dict (every key and value as `load_params` checks them).
+
+    For callers that change it before typing it (stage tune merges each trial's sample in).
+    """
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: params file not found") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if raw is None:  # an empty file would otherwise mean every default: the full COCO recipe
+        raise ConfigError(f"{path}: empty params file (copy the project's params.yaml and edit it)")
+    params_from_dict(raw, where=str(path))  # errors name the file
+    return raw
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Read `params.yaml` (and optional ``{"section.key": value}`` overrides) into `Params`."""
+    path = Path(path)
+    raw = read_params_file(path)
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
         if not key:

@@ -1,6 +1,6 @@
 """The preprocessed data as torch sees it: a Dataset, its collate, an aspect-ratio grouped sampler.
 
-Reads what stage preprocess wrote (`pipeline.preprocess`): ``<root>/<split>/index.json``,
+Reads what stage preprocess wrote (`pipeline.preprocess.stage`): ``<root>/<split>/index.json``,
 ``<root>/<split>/images/<image_id>.jpg``, ``categories.json`` and ``manifest.json``. Images are
 already at the model's scale, so loading is decode + convert (+ flip in training).
 

@@ -14,7 +14,6 @@ The cluster is the one named by ``RAY_ADDRESS``, else a local one started (and s
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline import dataset
+from pipeline.cluster import connected
 from pipeline.model_file import LoadedModel, load_model_file
 
 
@@ -187,10 +187,7 @@ def _predict_on_ray(
 ) -> tuple[list[ImageDetections], float, str]:
     import ray  # only this path needs Ray
 
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False, include_dashboard=False)
-    try:
+    with connected(log_to_driver=False, dashboard=False):
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=2)(_predict_shard)
         model_ref = ray.put(model_file.read_bytes())
@@ -206,9 +203,6 @@ def _predict_on_ray(
                 model_seconds += seconds
                 bar.update(len(shard_detections))
         return detections, model_seconds, "cuda" if gpus else "cpu"
-    finally:
-        if started_here:
-            ray.shutdown()
 
 
 def predict_split(
@@ -288,7 +282,7 @@ def coco_results(
 
 
 def proposal_results(detections: Sequence[ImageDetections]) -> list[dict[str, Any]]:
-    """Proposals as class-less COCO results (bbox xywh, score) for `pipeline.evaluation.proposal_recall`."""
+    """Proposals as class-less COCO results (bbox xywh, score) for `pipeline.evaluate.coco_eval.proposal_recall`."""
     return [
         {"image_id": det.image_id, "bbox": bbox, "score": score}
         for det in detections

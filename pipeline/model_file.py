@@ -16,8 +16,6 @@ sees half a file.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from typing import Any
 import torch
 
 from fpn import ModelConfig, build_detector
+from pipeline.io import atomic_torch_save
 
 FORMAT = "fpn-model/1"
 
@@ -41,22 +40,6 @@ class LoadedModel:
     config: ModelConfig
     categories: list[dict[str, Any]]
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """`torch.save` to a temporary file in the same folder, then rename: all or nothing."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_model_file(

@@ -34,11 +34,11 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.ablation import AblationError, run_ablation
-from pipeline.ablation_report import write_report
+from pipeline.ablate.report import write_report
+from pipeline.ablate.stage import AblationError, run_ablation
 from pipeline.config import ConfigError, load_params
 from pipeline.dataset import DatasetError
-from pipeline.evaluation import EvaluationError
+from pipeline.evaluate.coco_eval import EvaluationError
 
 
 def main(argv: list[str] | None = None) -> int:

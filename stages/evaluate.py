@@ -27,8 +27,8 @@ import sys
 
 from pipeline.config import ConfigError, load_params
 from pipeline.dataset import DatasetError
-from pipeline.evaluation import PROPOSAL_KEYS, STANDARD_KEYS, EvaluationError, coco_metrics
-from pipeline.evaluation_report import run_evaluate
+from pipeline.evaluate.coco_eval import PROPOSAL_KEYS, STANDARD_KEYS, EvaluationError, coco_metrics
+from pipeline.evaluate.stage import run_evaluate
 from pipeline.inference import InferenceError
 from pipeline.model_file import ModelFileError
 

@@ -27,12 +27,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.archive import ArchiveError
-from pipeline.coco_fetch import FetchError
 from pipeline.coco_format import CocoFormatError
 from pipeline.config import ConfigError, load_params
-from pipeline.download import DownloadError
-from pipeline.fetch import fetch_dataset
+from pipeline.fetch.archive import ArchiveError
+from pipeline.fetch.coco_source import FetchError
+from pipeline.fetch.download import DownloadError
+from pipeline.fetch.stage import fetch_dataset
 
 
 def _parser() -> argparse.ArgumentParser:

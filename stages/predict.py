@@ -25,12 +25,12 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from pipeline.atomic_files import atomic_write_text
-from pipeline.drawing import draw_detections
+from pipeline.evaluate.drawing import draw_detections
 from pipeline.inference import InferenceError, detection_records, predict_images
-from pipeline.mlflow_model import is_mlflow_uri, load_detector
+from pipeline.io import atomic_write_text
 from pipeline.model_file import ModelFileError
-from pipeline.registry import TrackingUnavailable, use_tracking
+from pipeline.tracking.pyfunc import is_mlflow_uri, load_detector
+from pipeline.tracking.registry import TrackingUnavailable, use_tracking
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ Resizes every image of data.train_split and data.val_split to the model's scale
 (model.min_size / model.max_size), moves the boxes into that frame, maps COCO category ids to
 labels 1..K, and writes ``<out>/<split>/{images/,index.json}``, ``categories.json``,
 ``report.json`` (problems per file, counts) and ``manifest.json`` (``data_hash``); see
-`pipeline.preprocess`. Runs on every core (preprocess.workers; 0 = all). On a Ray cluster:
+`pipeline.preprocess.stage`. Runs on every core (preprocess.workers; 0 = all). On a Ray cluster:
 set ``preprocess.use_ray: true`` or ``RAY_ADDRESS=ray://host:10001`` (images travel to the
 tasks as bytes, so nodes need the project installed but no shared filesystem). No GPU needed.
 
@@ -24,10 +24,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeline.cluster import ClusterError
 from pipeline.coco_format import CocoFormatError
 from pipeline.config import ConfigError, load_params
-from pipeline.parallel import ParallelError
-from pipeline.preprocess import PreprocessError, preprocess_dataset
+from pipeline.preprocess.stage import PreprocessError, preprocess_dataset
 
 SHOWN_PROBLEMS = 10
 
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             max_size=params.model.max_size,
             cfg=params.preprocess,
         )
-    except (ConfigError, CocoFormatError, PreprocessError, ParallelError) as err:
+    except (ConfigError, CocoFormatError, PreprocessError, ClusterError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     for problem in summary.problems[:SHOWN_PROBLEMS]:

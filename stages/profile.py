@@ -27,9 +27,9 @@ import sys
 
 from pipeline.config import ConfigError, load_params
 from pipeline.model_file import ModelFileError
-from pipeline.profile_report import run_profile_stage
-from pipeline.profiling import ProfilingError
-from pipeline.reference_models import ReferenceError
+from pipeline.profile.reference_models import ReferenceError
+from pipeline.profile.stage import run_profile_stage
+from pipeline.profile.timing import ProfilingError
 
 
 def _parser() -> argparse.ArgumentParser:

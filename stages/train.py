@@ -38,7 +38,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import ConfigError, load_params
-from pipeline.training import TrainOutputs, train
+from pipeline.train.stage import TrainOutputs, train
 
 
 def main(argv: list[str] | None = None) -> int:

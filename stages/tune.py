@@ -7,7 +7,7 @@ values each trial starts from)::
         --best-params params/best.yaml --results reports/tune.csv [--storage-path runs/tune]
 
 * The space is ``tune.space``: ``section.key`` of ``train:`` or ``model:`` -> ``{type:
-  loguniform|uniform|randint|choice, ...}`` (see `pipeline.search_space`); it is checked against
+  loguniform|uniform|randint|choice, ...}`` (see `pipeline.tune.search_space`); it is checked against
   the params before anything starts, errors name the key.
 * Each trial is a Ray Train run of the training loop of stage train, ``tune.iterations`` long,
   scored every ``tune.eval_every`` iterations on ``tune.val_images`` held-out images
@@ -35,8 +35,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from pipeline.config import ConfigError
-from pipeline.tuning import TuneError, TuneOutputs, load_raw_params, tune_sweep
+from pipeline.config import ConfigError, read_params_file
+from pipeline.tune.stage import TuneError, TuneOutputs, tune_sweep
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     try:
-        raw = load_raw_params(args.params)
+        raw = read_params_file(args.params)
         summary = tune_sweep(
             raw,
             args.data,

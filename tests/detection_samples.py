@@ -18,9 +18,9 @@ from PIL import Image
 
 from fpn import ModelConfig, build_detector
 from pipeline.config import DataConfig, PreprocessConfig
+from pipeline.fetch.synthetic import generate_synthetic
 from pipeline.model_file import save_model_file
-from pipeline.preprocess import preprocess_dataset
-from pipeline.synthetic import generate_synthetic
+from pipeline.preprocess.stage import preprocess_dataset
 
 # ResNet-18-FPN small enough to run a few images in seconds on 2 shared cores. box_score_thresh 0
 # keeps the (random) detections, so the mapping and COCOeval paths see boxes.
@@ -106,7 +106,7 @@ def preprocess_split(
 
 
 def synthetic_preprocessed(tmp: Path, *, images: int = 4, seed: int = 0) -> Path:
-    """A few `pipeline.synthetic` images (COCO ids 2, 5, 9 -> labels 1..3, 200x160) through the real
+    """A few `pipeline.fetch.synthetic` images (COCO ids 2, 5, 9 -> labels 1..3, 200x160) through the real
     stage-preprocess machinery at the tiny model's sizes (128..160 px); returns the data root."""
     cfg = DataConfig(
         seed=seed,

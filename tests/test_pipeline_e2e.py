@@ -53,6 +53,21 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 900) -> 
     return proc.stdout + proc.stderr
 
 
+def _declared_outputs(dvc_yaml: Path) -> list[Path]:
+    stages = yaml.safe_load(dvc_yaml.read_text())["stages"].values()
+    return [
+        Path(next(iter(o)) if isinstance(o, dict) else o)
+        for stage in stages
+        for key in ("outs", "metrics", "plots")
+        for o in stage.get(key, [])
+    ]
+
+
+def _tracked(repo: Path) -> list[str]:
+    out = subprocess.run(["git", "ls-files", "-z"], cwd=repo, check=True, capture_output=True).stdout.decode()
+    return [name for name in out.split("\0") if name]
+
+
 @pytest.mark.slow
 def test_dvc_repro_runs_every_stage_then_is_a_no_op(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
@@ -99,6 +114,21 @@ def test_dvc_repro_runs_every_stage_then_is_a_no_op(tmp_path: Path) -> None:
     versions = client.search_model_versions("name='fpn-detector'")
     assert len(versions) == 1
     assert client.get_model_version_by_alias("fpn-detector", "champion").version == versions[0].version
+
+    # Every file the stages wrote is an output dvc.yaml declares. Not outputs: the MLflow store
+    # and Ray's checkpoint storage (runs/), state that outlives a run by design.
+    declared = _declared_outputs(repo / "dvc.yaml")
+    state = ("mlflow.db", "mlartifacts", "runs", "dvc.lock", ".dvc", ".git", ".dvcignore")
+    written = [
+        p.relative_to(repo)
+        for p in repo.rglob("*")
+        if p.is_file() and p.relative_to(repo).parts[0] not in state and "__pycache__" not in p.parts
+    ]
+    tracked = set(_tracked(repo))
+    undeclared = [
+        str(p) for p in written if str(p) not in tracked and not any(p == d or d in p.parents for d in declared)
+    ]
+    assert not undeclared, f"written but not declared in dvc.yaml: {undeclared}"
 
     # Nothing changed: nothing runs.
     again = _run(["dvc", "repro"], repo, env)

@@ -1,7 +1,7 @@
 """Inputs for the training tests: tiny synthetic data run through the real preprocess, tiny params.
 
-`tiny_data` draws `pipeline.synthetic` images and preprocesses them with
-`pipeline.preprocess.preprocess_dataset` into the CONTRACTS layout; `tiny_params` is a
+`tiny_data` draws `pipeline.fetch.synthetic` images and preprocesses them with
+`pipeline.preprocess.stage.preprocess_dataset` into the CONTRACTS layout; `tiny_params` is a
 ResNet-18-FPN with d=32 on ~100x120 images that takes well under a second a step on 2 cores.
 """
 
@@ -13,8 +13,8 @@ from typing import Any
 import yaml
 
 from pipeline.config import DataConfig, PreprocessConfig
-from pipeline.preprocess import preprocess_dataset
-from pipeline.synthetic import generate_synthetic
+from pipeline.fetch.synthetic import generate_synthetic
+from pipeline.preprocess.stage import preprocess_dataset
 
 TINY_MODEL: dict[str, Any] = {
     "backbone": "resnet18",

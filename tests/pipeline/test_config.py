@@ -61,3 +61,16 @@ def test_overrides_and_missing_file(tmp_path: Path) -> None:
     path.write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="YAML"):
         load_params(path)
+
+
+def test_values_are_checked_when_read_and_an_empty_file_is_an_error(tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  lr: -1\n")
+    with pytest.raises(ConfigError, match=r"params\.yaml: train\.lr: must be > 0, got -1"):
+        load_params(params)
+    params.write_text("")
+    with pytest.raises(ConfigError, match=r"params\.yaml: empty params file"):
+        load_params(params)
+    params.write_text("evaluate:\n  draw_score_thresh: 2\n")
+    with pytest.raises(ConfigError, match=r"params\.yaml: evaluate\.draw_score_thresh: must be in \[0, 1\]"):
+        load_params(params)

@@ -19,8 +19,8 @@ from pipeline.dataset import (
     read_categories,
     read_data_hash,
 )
-from pipeline.preprocess import preprocess_dataset
-from pipeline.synthetic import generate_synthetic
+from pipeline.fetch.synthetic import generate_synthetic
+from pipeline.preprocess.stage import preprocess_dataset
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from pipeline.evaluation import PROPOSAL_KEYS, STANDARD_KEYS
-from pipeline.evaluation_report import slug
+from pipeline.evaluate.coco_eval import PROPOSAL_KEYS, STANDARD_KEYS
+from pipeline.evaluate.stage import slug
 from stages import evaluate
 from tests.conftest import free_port
 from tests.detection_samples import (

@@ -12,8 +12,8 @@ import mlflow
 import pytest
 from PIL import Image
 
-from pipeline.mlflow_model import log_detector
-from pipeline.registry import register_model, use_tracking
+from pipeline.tracking.pyfunc import log_detector
+from pipeline.tracking.registry import register_model, use_tracking
 from stages import predict
 from tests.detection_samples import read_categories, synthetic_preprocessed, tiny_model_file
 

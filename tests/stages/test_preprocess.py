@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from pipeline.config import PreprocessConfig
-from pipeline.preprocess import preprocess_dataset
+from pipeline.preprocess.stage import preprocess_dataset
 from stages.preprocess import main
 
 MIN_SIZE, MAX_SIZE = 320, 512  # small for speed; the rule is the same as at 800/1333

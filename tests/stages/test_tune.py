@@ -14,7 +14,7 @@ import yaml
 from mlflow import MlflowClient
 
 from pipeline.config import load_params
-from pipeline.tuning import PARENT_TAG, SWEEP_TAG, TRIAL_TAG
+from pipeline.tune.stage import PARENT_TAG, SWEEP_TAG, TRIAL_TAG
 from tests.ray_cluster import LocalRayCluster, ray_cluster  # noqa: F401 (session fixture)
 from tests.train_samples import tiny_data, tiny_params, write_params
 

@@ -1,0 +1,1 @@
+"""Stage evaluate: COCO AP and proposal recall with pycocotools, the DVC outputs, the registry."""

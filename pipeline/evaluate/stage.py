@@ -1,0 +1,363 @@
+"""Stage evaluate, end to end: measure a model file on the validation split, write the DVC outputs,
+log them to the model's MLflow run and register the model (`pipeline.tracking.registry`).
+
+Outputs (paths from the command line):
+
+* metrics JSON (flat, for ``dvc metrics show/diff``): the 12 COCO bbox numbers (AP ... ARl),
+  proposal recall ``proposal_AR100, proposal_AR1k, proposal_ARs1k, proposal_ARm1k, proposal_ARl1k``,
+  ``AP_<category name>`` per category with ground truth, ``num_images``, and the time per image:
+  ``eval_seconds_per_image`` (forward pass only), ``eval_wall_seconds_per_image`` (all of inference:
+  decoding, loading, Ray), ``cocoeval_seconds`` and ``proposal_eval_seconds`` (COCOeval of the
+  detections and of the proposals).
+* PR-curve CSV (DVC plots): ``recall, precision_iou50, precision_iou50_95`` over COCO's 101 recall
+  thresholds (area all, 100 detections, averaged over categories).
+* pictures: ``<image_id>.jpg`` for the first ``evaluate.num_pictures`` validation images, detections
+  scoring >= ``evaluate.draw_score_thresh`` drawn.
+
+MLflow: the run whose id is in the model file's ``extra["mlflow_run_id"]`` (a new run in experiment
+``train.experiment`` when absent or unknown to the tracking server) gets the same numbers (prefixed
+``eval/``), the CSV, a PR-curve figure, the pictures and the model (pyfunc). The files are written
+before anything is sent, so an unreachable tracking server loses only the MLflow side:
+`EvaluationOutcome.tracking_error` says what was not logged.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from pipeline.config import Params
+from pipeline.dataset import read_categories, read_data_hash
+from pipeline.evaluate.coco_eval import (
+    DetectionEvaluation,
+    EvaluationError,
+    evaluate_detections,
+    load_ground_truth,
+    proposal_recall,
+)
+from pipeline.evaluate.drawing import draw_detections
+from pipeline.inference import (
+    ImageDetections,
+    InferenceRun,
+    coco_results,
+    label_to_category,
+    predict_split,
+    proposal_results,
+    read_index,
+)
+from pipeline.io import atomic_write_text
+from pipeline.model_file import LoadedModel, load_model_file
+from pipeline.provenance import git_commit
+
+
+@dataclass
+class EvaluationOutcome:
+    """What the stage did: the metrics written, and what happened on the MLflow side."""
+
+    metrics: dict[str, float]
+    run_id: str | None = None
+    registered_version: str | None = None
+    decision: str | None = None
+    tracking_error: str | None = None
+    logged: list[str] = field(default_factory=list)
+
+
+def slug(name: str) -> str:
+    """A category name as a metric-key part: ``traffic light`` -> ``traffic_light``."""
+    return re.sub(r"[^0-9A-Za-z]+", "_", name).strip("_") or "unnamed"
+
+
+def file_sha256(*paths: Path) -> str:
+    """sha256 over the bytes of ``paths``, in order."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def check_categories(
+    model_categories: list[dict[str, Any]], data_categories: list[dict[str, Any]], *, model: Path, data: Path
+) -> None:
+    """The model's label -> COCO id mapping must be the data's, or every detection is mislabelled."""
+    model_pairs = {(int(c["label"]), int(c["id"])) for c in model_categories}
+    data_pairs = {(int(c["label"]), int(c["id"])) for c in data_categories}
+    if model_pairs != data_pairs:
+        raise EvaluationError(
+            f"{model}: its categories (label -> COCO id) differ from {data / 'categories.json'}: "
+            f"{len(model_pairs)} vs {len(data_pairs)} categories, first differing (label, id) pairs "
+            f"{sorted(model_pairs ^ data_pairs)[:6]}"
+        )
+
+
+def build_metrics(
+    det_eval: DetectionEvaluation,
+    proposals: dict[str, float],
+    run: InferenceRun,
+    categories: list[dict[str, Any]],
+) -> dict[str, float]:
+    """The flat metrics dict written to the metrics JSON (see the module docstring)."""
+    n = max(len(run.detections), 1)
+    names = {int(c["id"]): str(c["name"]) for c in categories}
+    metrics: dict[str, float] = dict(det_eval.metrics)
+    metrics.update({f"proposal_{key}": value for key, value in proposals.items()})
+    for cat_id, ap in sorted(det_eval.per_category_ap.items()):
+        metrics[f"AP_{slug(names.get(cat_id, str(cat_id)))}"] = ap
+    metrics["num_images"] = float(len(run.detections))
+    metrics["eval_seconds_per_image"] = run.model_seconds / n
+    metrics["eval_wall_seconds_per_image"] = run.wall_seconds / n
+    metrics["cocoeval_seconds"] = det_eval.seconds
+    return metrics
+
+
+def write_pr_curve(path: Path, det_eval: DetectionEvaluation) -> None:
+    """CSV ``recall, precision_iou50, precision_iou50_95`` (one row per COCO recall threshold)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["recall", "precision_iou50", "precision_iou50_95"])
+    for r, p50, p in zip(
+        det_eval.pr_recall, det_eval.pr_precision_50, det_eval.pr_precision_50_95, strict=True
+    ):
+        writer.writerow([f"{r:.2f}", f"{p50:.6f}", f"{p:.6f}"])
+    atomic_write_text(path, buffer.getvalue())
+
+
+def write_pictures(
+    images_dir: Path,
+    split_dir: Path,
+    entries: list[dict[str, Any]],
+    detections: dict[int, ImageDetections],
+    categories: list[dict[str, Any]],
+    *,
+    score_thresh: float,
+) -> list[Path]:
+    """Draw detections on the (resized) validation images; the folder is replaced as a whole."""
+    by_label = label_to_category(categories)
+    images_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{images_dir.name}.", dir=images_dir.parent))
+    try:
+        for entry in entries:
+            det = detections[entry["image_id"]]
+            scale = np.array([entry["scale_x"], entry["scale_y"]] * 2, dtype=np.float32)
+            names = [
+                str(by_label.get(int(label), {"name": f"label {label}"})["name"]) for label in det.labels
+            ]
+            with Image.open(split_dir / entry["file"]) as image:
+                drawn = draw_detections(
+                    image, det.boxes * scale, names, det.scores, score_thresh=score_thresh
+                )
+            drawn.save(staging / f"{entry['image_id']}.jpg", quality=90)
+        if images_dir.exists():
+            shutil.rmtree(images_dir)
+        os.replace(staging, images_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return sorted(images_dir.glob("*.jpg"))
+
+
+def pr_curve_figure(det_eval: DetectionEvaluation) -> Any:
+    """Matplotlib figure of the two PR curves (for MLflow)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot(det_eval.pr_recall, det_eval.pr_precision_50, label="IoU 0.5")
+    ax.plot(det_eval.pr_recall, det_eval.pr_precision_50_95, label="IoU 0.5:0.95")
+    ax.set(
+        xlabel="recall",
+        ylabel="precision",
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+        title="COCO precision-recall (all categories)",
+    )
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def publish_to_mlflow(
+    params: Params,
+    loaded: LoadedModel,
+    *,
+    model_path: Path,
+    metrics: dict[str, float],
+    det_eval: DetectionEvaluation,
+    metrics_path: Path,
+    plots_path: Path,
+    images_dir: Path,
+    data_hash: str | None,
+    val_data_hash: str,
+    outcome: EvaluationOutcome,
+) -> None:
+    """Log to the model's run and register it; fills ``outcome`` step by step (see `run_evaluate`)."""
+    import mlflow
+    from matplotlib import pyplot as plt
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.tracking.pyfunc import log_detector
+    from pipeline.tracking.registry import register_model, use_tracking
+
+    uri = use_tracking()
+    run_id = loaded.extra.get("mlflow_run_id")
+    existing = None
+    if run_id:
+        try:
+            existing = MlflowClient().get_run(run_id)
+        except MlflowException:
+            print(f"evaluate: run {run_id} named by {model_path} is not on {uri}: starting a new run")
+    resume = existing is not None
+    if existing is not None:
+        # start_run(run_id=...) refuses a run outside the active experiment: make its experiment active.
+        mlflow.set_experiment(experiment_id=existing.info.experiment_id)
+        active = mlflow.start_run(run_id=run_id)
+    else:
+        mlflow.set_experiment(params.train.experiment)
+        active = mlflow.start_run(
+            run_name=f"evaluate-{model_path.stem}", tags={"model_file": str(model_path)}
+        )
+    with active as run:
+        outcome.run_id = run.info.run_id
+        if not resume:
+            mlflow.log_params({f"model.{k}": v for k, v in loaded.config.to_dict().items()})
+        mlflow.set_tag("evaluate.params", json.dumps(dataclasses.asdict(params.evaluate), sort_keys=True))
+        mlflow.log_metrics({f"eval/{key}": value for key, value in metrics.items()})
+        outcome.logged.append("metrics")
+        mlflow.log_artifact(str(metrics_path), "evaluation")
+        mlflow.log_artifact(str(plots_path), "evaluation")
+        fig = pr_curve_figure(det_eval)
+        mlflow.log_figure(fig, "evaluation/pr_curve.png")
+        plt.close(fig)
+        outcome.logged.append("PR curve")
+        mlflow.log_artifacts(str(images_dir), "evaluation/images")
+        outcome.logged.append("pictures")
+        info = log_detector(model_path)
+        outcome.logged.append("model")
+        extra_params = loaded.extra.get("params") if isinstance(loaded.extra.get("params"), dict) else {}
+        registration = register_model(
+            info.model_uri,
+            name=params.evaluate.registered_model,
+            metrics={k: v for k, v in metrics.items() if not k.startswith("AP_")},
+            params={
+                **extra_params,
+                "model": loaded.config.to_dict(),
+                "evaluate": dataclasses.asdict(params.evaluate),
+            },
+            data_hash=data_hash,
+            val_data_hash=val_data_hash,
+            git_commit=loaded.extra.get("git_commit") or git_commit(),
+            extra_tags={
+                "eval_git_commit": git_commit(),
+                "mlflow_run_id": run.info.run_id,
+            },
+        )
+        outcome.logged.append("registry")
+        outcome.registered_version = registration.version
+        outcome.decision = f"{registration.decision.status}: {registration.decision.reason}"
+        mlflow.set_tags(
+            {
+                "eval.registered_model": f"{registration.name}/{registration.version}",
+                "eval.registry_status": registration.decision.status,
+            }
+        )
+
+
+def run_evaluate(
+    params: Params,
+    *,
+    model_path: str | Path,
+    data_root: str | Path,
+    metrics_path: str | Path,
+    plots_path: str | Path,
+    images_dir: str | Path,
+    track: bool = True,
+) -> EvaluationOutcome:
+    """Evaluate ``model_path`` on ``<data_root>/<data.val_split>``, write the outputs, then (``track``)
+    log to MLflow and register. MLflow failures do not raise: see ``tracking_error``."""
+    model_path, data_root = Path(model_path), Path(data_root)
+    metrics_path, plots_path, images_dir = Path(metrics_path), Path(plots_path), Path(images_dir)
+    cfg = params.evaluate
+    split = params.data.val_split
+    loaded = load_model_file(model_path)
+    index = read_index(data_root, split)
+    categories = read_categories(data_root)
+    data_hash = read_data_hash(data_root)
+    check_categories(loaded.categories, categories, model=model_path, data=data_root)
+
+    gt = load_ground_truth(index["annotation_file"])
+    image_ids = [int(entry["image_id"]) for entry in index["images"]]
+    unknown = sorted(set(image_ids) - set(gt.getImgIds()))
+    if unknown:
+        raise EvaluationError(
+            f"{data_root / split / 'index.json'}: image id(s) {unknown[:10]} are not in {index['annotation_file']}"
+        )
+
+    run = predict_split(
+        model_path, data_root, split, batch_size=cfg.batch_size, num_workers=cfg.num_workers, loaded=loaded
+    )
+    det_eval = evaluate_detections(
+        gt, coco_results(run.detections, categories), image_ids=image_ids, where="detections"
+    )
+    start = time.perf_counter()
+    proposals = proposal_recall(gt, proposal_results(run.detections), image_ids=image_ids)
+    metrics = build_metrics(det_eval, proposals, run, categories)
+    metrics["proposal_eval_seconds"] = time.perf_counter() - start
+
+    atomic_write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
+    write_pr_curve(plots_path, det_eval)
+    by_id = {det.image_id: det for det in run.detections}
+    write_pictures(
+        images_dir,
+        data_root / split,
+        index["images"][: cfg.num_pictures],
+        by_id,
+        categories,
+        score_thresh=cfg.draw_score_thresh,
+    )
+    outcome = EvaluationOutcome(metrics=metrics)
+    if not track:
+        return outcome
+
+    val_data_hash = file_sha256(data_root / split / "index.json", data_root / "categories.json")
+    try:
+        publish_to_mlflow(
+            params,
+            loaded,
+            model_path=model_path,
+            metrics=metrics,
+            det_eval=det_eval,
+            metrics_path=metrics_path,
+            plots_path=plots_path,
+            images_dir=images_dir,
+            data_hash=data_hash,
+            val_data_hash=val_data_hash,
+            outcome=outcome,
+        )
+    except Exception as err:  # noqa: BLE001 - the files are written; report what MLflow did not get
+        missing = [
+            step
+            for step in ("metrics", "PR curve", "pictures", "model", "registry")
+            if step not in outcome.logged
+        ]
+        outcome.tracking_error = (
+            f"MLflow: not logged: {', '.join(missing)} (model not registered as "
+            f"{cfg.registered_model!r}); the files {metrics_path}, {plots_path}, {images_dir} were written. "
+            f"Cause: {type(err).__name__}: {err}"
+        )
+    return outcome

@@ -1,0 +1,1 @@
+"""Stage preprocess: a COCO-layout folder into the training format (`pipeline.dataset`)."""

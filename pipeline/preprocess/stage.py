@@ -1,0 +1,255 @@
+"""Stage preprocess's machinery: a COCO-layout folder into the training format of CONTRACTS.md.
+
+Output (built in a temporary sibling of ``out``, renamed when complete)::
+
+    <out>/<split>/images/<image_id>.jpg   RGB, resized to the model's scale
+    <out>/<split>/index.json              {"split", "annotation_file", "images": [record, ...]}
+    <out>/categories.json                 [{"label": 1, "id": <COCO id>, "name": ...}, ...]
+    <out>/report.json                     counts per split, and every problem found, per file
+    <out>/manifest.json                   {"data_hash": sha256 of the index files + categories, ...}
+
+An index record (see `pipeline.preprocess.prepare_image` for the conventions) is ``{"image_id", "file",
+"orig_width", "orig_height", "width", "height", "scale_x", "scale_y", "boxes" (xyxy,
+resized frame), "labels" (1..K), "crowd_boxes", "aspect_ratio" (width / height)}``. The
+original annotation file stays the ground truth for evaluation (``annotation_file`` is its
+path as given), and ``scale_x``/``scale_y`` map predictions back to its pixel frame.
+
+Labels: the categories of all splits' files, sorted by COCO id, numbered 1..K (0 is the
+background).
+
+Bad input: a structurally malformed annotation file, conflicting categories, or a split
+with no usable image raise `PreprocessError`/`CocoFormatError` naming the file. Everything
+smaller is reported and skipped: an annotation with a malformed ``bbox``, an unknown image
+or category (the annotation); a missing, unreadable, truncated or corrupt image (the image);
+a box outside the image (clipped; dropped if degenerate). Grayscale/CMYK images are
+converted, not skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from pipeline.cluster import available_cores
+from pipeline.coco_format import annotation_path, image_dir, read_coco, write_json
+from pipeline.config import PreprocessConfig
+from pipeline.io import atomic_directory
+from pipeline.preprocess.parallel import ordered_map, use_ray_requested
+from pipeline.preprocess.prepare_image import ImageTask, ObjectBox, ResizeSpec, prepare_chunk, problem
+
+MAX_LISTED_PROBLEMS = 10_000  # report.json lists at most this many; the counts stay complete
+COUNT_KEYS = (
+    "images_listed", "images_written", "images_skipped", "images_missing", "images_converted",
+    "size_mismatches", "annotations", "annotations_skipped", "boxes", "crowd_boxes",
+    "boxes_clipped", "boxes_dropped",
+)  # fmt: skip
+
+
+class PreprocessError(RuntimeError):
+    """A dataset that cannot be preprocessed at all; the message names the file."""
+
+
+@dataclass(frozen=True)
+class PreprocessSummary:
+    """What a run wrote: the data hash, per-split counts and the problems (as in report.json)."""
+
+    data_hash: str
+    num_classes: int
+    counts: dict[str, dict[str, int]]
+    problems: list[dict[str, str]]
+
+
+def preprocess_dataset(
+    coco_root: str | Path,
+    out: str | Path,
+    *,
+    splits: tuple[str, ...],
+    min_size: int,
+    max_size: int,
+    cfg: PreprocessConfig,
+    progress: bool = True,
+) -> PreprocessSummary:
+    """Write the preprocessed format for ``splits`` of ``coco_root`` into ``out`` (see the module docstring).
+
+    Reads preprocess.workers, preprocess.jpeg_quality, preprocess.use_ray (and RAY_ADDRESS);
+    ``min_size``/``max_size`` are the model's.
+    """
+    coco_root = Path(coco_root)
+    cocos = {split: read_coco(annotation_path(coco_root, split)) for split in splits}
+    categories = contiguous_categories({annotation_path(coco_root, s): c for s, c in cocos.items()})
+    spec = ResizeSpec(min_size, max_size, cfg.jpeg_quality)
+    workers = cfg.workers or available_cores()
+    use_ray = use_ray_requested(cfg.use_ray)
+    counts: dict[str, dict[str, int]] = {}
+    problems: list[dict[str, str]] = []
+    digest = hashlib.sha256()
+    with atomic_directory(out) as tmp:
+        for split in splits:
+            index, counts[split], split_problems = _prepare_split(
+                coco_root, split, cocos[split], categories, spec, tmp, workers, use_ray, progress
+            )
+            problems.extend({"split": split, **p} for p in split_problems)
+            if not index["images"]:
+                shown = "; ".join(p["message"] for p in split_problems[:3])
+                raise PreprocessError(
+                    f"{annotation_path(coco_root, split)}: no usable image in split {split!r} "
+                    f"({counts[split]['images_listed']} listed, all skipped){': ' + shown if shown else ''}"
+                )
+            write_json(tmp / split / "index.json", index)
+            digest.update((tmp / split / "index.json").read_bytes())
+        write_json(tmp / "categories.json", categories, indent=2)
+        digest.update((tmp / "categories.json").read_bytes())
+        data_hash = digest.hexdigest()
+        write_json(
+            tmp / "report.json",
+            {
+                "counts": counts,
+                "problems": problems[:MAX_LISTED_PROBLEMS],
+                "problems_not_listed": max(0, len(problems) - MAX_LISTED_PROBLEMS),
+            },
+            indent=2,
+        )
+        write_json(
+            tmp / "manifest.json",
+            {
+                "data_hash": data_hash,
+                "splits": {
+                    s: {"index": f"{s}/index.json", "images": counts[s]["images_written"]} for s in splits
+                },
+                "num_classes": len(categories),
+                "min_size": min_size,
+                "max_size": max_size,
+                "jpeg_quality": cfg.jpeg_quality,
+                "coco_root": str(coco_root),
+            },
+            indent=2,
+        )
+    return PreprocessSummary(data_hash, len(categories), counts, problems)
+
+
+def contiguous_categories(cocos: dict[Path, dict[str, Any]]) -> list[dict[str, Any]]:
+    """``[{"label": 1..K, "id", "name"}]``: the union of the files' categories sorted by COCO id."""
+    by_id: dict[int, tuple[str, Path]] = {}
+    for path, coco in cocos.items():
+        for category in coco["categories"]:
+            seen = by_id.setdefault(category["id"], (category["name"], path))
+            if seen[0] != category["name"]:
+                raise PreprocessError(
+                    f"{path}: category id {category['id']} is {category['name']!r}, but {seen[0]!r} in {seen[1]}"
+                )
+    if not by_id:
+        raise PreprocessError(f"{', '.join(map(str, cocos))}: no categories")
+    return [{"label": i + 1, "id": cid, "name": by_id[cid][0]} for i, cid in enumerate(sorted(by_id))]
+
+
+def _prepare_split(
+    coco_root: Path,
+    split: str,
+    coco: dict[str, Any],
+    categories: list[dict[str, Any]],
+    spec: ResizeSpec,
+    out: Path,
+    workers: int,
+    use_ray: bool,
+    progress: bool,
+) -> tuple[dict[str, Any], dict[str, int], list[dict[str, str]]]:
+    """Prepare one split's images into ``out/<split>``; return its index, counts and problems."""
+    ann_file = annotation_path(coco_root, split)
+    counts = dict.fromkeys(COUNT_KEYS, 0)
+    counts["images_listed"] = len(coco["images"])
+    counts["annotations"] = len(coco["annotations"])
+    problems: list[dict[str, str]] = []
+    objects = _read_objects(ann_file, coco, {c["id"]: c["label"] for c in categories}, problems)
+    counts["annotations_skipped"] = len(problems)
+    images_out = out / split / "images"
+    images_out.mkdir(parents=True)
+    records: list[dict[str, Any]] = []
+    bar = tqdm(total=len(coco["images"]), desc=f"preprocess {split}", unit="img", disable=not progress)
+
+    def tasks() -> Iterator[ImageTask]:
+        for image in coco["images"]:
+            path = image_dir(coco_root, split) / image["file_name"]
+            try:
+                data = path.read_bytes()
+            except OSError as err:
+                reason = "file not found" if isinstance(err, FileNotFoundError) else f"cannot read ({err})"
+                problems.append(
+                    problem(str(path), "missing_image", f"{reason} (listed in {ann_file}), skipped")
+                )
+                counts["images_missing"] += 1
+                counts["images_skipped"] += 1
+                bar.update(1)
+                continue
+            declared = (image.get("width"), image.get("height"))
+            yield ImageTask(
+                image_id=image["id"],
+                file=str(path),
+                data=data,
+                objects=tuple(objects.get(image["id"], ())),
+                declared_size=declared if all(isinstance(v, int) for v in declared) else None,  # type: ignore[arg-type]
+            )
+
+    chunk = max(1, min(16, len(coco["images"]) // (4 * workers)))
+    with bar:
+        for results in ordered_map(
+            prepare_chunk, _chunks(tasks(), chunk), spec, workers=workers, use_ray=use_ray
+        ):
+            for result in results:
+                problems.extend(result.problems)
+                for key, value in result.counts.items():
+                    counts[key] += value
+                if result.jpeg is not None and result.record is not None:
+                    (images_out / f"{result.image_id}.jpg").write_bytes(result.jpeg)
+                    records.append(result.record)
+            bar.update(len(results))
+    return {"split": split, "annotation_file": str(ann_file), "images": records}, counts, problems
+
+
+def _read_objects(
+    ann_file: Path, coco: dict[str, Any], label_of: dict[int, int], problems: list[dict[str, str]]
+) -> dict[int, list[ObjectBox]]:
+    """Annotations grouped by image id; each unusable one becomes a problem and is skipped."""
+    objects: dict[int, list[ObjectBox]] = {image["id"]: [] for image in coco["images"]}
+    for i, ann in enumerate(coco["annotations"]):
+        where = f"annotations[{i}]" + (f" (id {ann.get('id')})" if isinstance(ann, dict) else "")
+        kind, reason = _annotation_problem(ann, objects, label_of)
+        if reason:
+            problems.append(problem(str(ann_file), kind, f"{where}: {reason}, skipped"))
+            continue
+        x, y, w, h = (float(v) for v in ann["bbox"])
+        objects[ann["image_id"]].append(
+            ObjectBox(x, y, w, h, label_of[ann["category_id"]], bool(ann.get("iscrowd", 0)))
+        )
+    return objects
+
+
+def _annotation_problem(
+    ann: Any, objects: dict[int, Any], label_of: dict[int, int]
+) -> tuple[str, str | None]:
+    if not isinstance(ann, dict):
+        return "bad_annotation", f"not an object ({ann!r:.60})"
+    bbox = ann.get("bbox")
+    if not (
+        isinstance(bbox, list)
+        and len(bbox) == 4
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)
+    ):
+        return "bad_annotation", f"bbox must be 4 finite numbers [x, y, w, h], got {bbox!r:.80}"
+    image_id, category_id = ann.get("image_id"), ann.get("category_id")
+    if not isinstance(image_id, int) or image_id not in objects:
+        return "annotation_without_image", f"image_id {image_id!r} is not in 'images'"
+    if not isinstance(category_id, int) or category_id not in label_of:
+        return "unknown_category", f"category_id {category_id!r} is not in 'categories'"
+    return "", None
+
+
+def _chunks(items: Iterator[ImageTask], size: int) -> Iterator[list[ImageTask]]:
+    while batch := list(islice(items, size)):
+        yield batch

@@ -1,0 +1,1 @@
+"""Stage profile: latency, memory and the time split, beside torchvision's Faster R-CNN."""

@@ -1,0 +1,1 @@
+"""MLflow, in one style: the tracked run, the local server, the registry, the pyfunc model."""

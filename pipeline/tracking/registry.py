@@ -1,0 +1,204 @@
+"""The MLflow model registry: every evaluated model becomes a version; the alias ``champion`` marks the best.
+
+Each version carries, as tags: ``metric.<name>`` (the evaluation numbers), ``params.<section>``
+(JSON), ``data_hash`` (manifest of the preprocessed data), ``val_data_hash`` (the validation
+split's index + categories: what the AP was measured on), ``git_commit``, and its history:
+``status`` (``champion`` | ``rejected`` | ``retired`` once a better one takes over),
+``compared_with`` (e.g. ``version 3 AP 0.4120``) and ``decision`` (the reason, also the version's
+description). Stages (Staging/Production) are deprecated in MLflow 3: aliases only.
+
+Champion policy (`decide_champion`), on AP (IoU .50:.95):
+
+1. No champion yet: the new version becomes champion.
+2. The champion was evaluated on the same validation data (``val_data_hash`` equal): the new
+   version takes over only if its AP is strictly higher; otherwise it is rejected.
+3. The champion was evaluated on different validation data: the two APs are not comparable.
+   The newest validation data is taken as authoritative, so the new version is compared with the
+   best earlier version evaluated on the SAME data as itself: it becomes champion if there is none
+   (the first model measured on this data) or if it beats it; otherwise it is rejected and the
+   champion stays. (To compare across data, re-evaluate the champion on the new data.)
+
+Concurrent registrations of the same name are not serialised: run one evaluation at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from pipeline.tracking.run import tracking_uri
+
+CHAMPION = "champion"
+METRIC_TAG_PREFIX = "metric."
+VAL_DATA_TAG = "val_data_hash"
+
+
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking server does not answer; the message names its URI."""
+
+
+def use_tracking(uri: str | None = None, *, timeout_s: float = 5.0) -> str:
+    """Point MLflow (tracking and registry) at ``uri`` (default `pipeline.tracking.run.tracking_uri`:
+    ``MLFLOW_TRACKING_URI``, else ``sqlite:///<project root>/mlflow.db``), checking an HTTP
+    server answers ``/health`` first, so an unreachable one fails in seconds, not after retries."""
+    uri = uri or tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
+                response.read()
+        except (urllib.error.URLError, OSError) as err:
+            raise TrackingUnavailable(f"MLflow tracking server {uri} is unreachable: {err}") from err
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Outcome of `decide_champion`: the new version's status and why."""
+
+    status: str  # "champion" | "rejected"
+    compared_with: str  # e.g. "version 3 AP 0.4120", or "none"
+    reason: str
+    previous_champion: str | None = None  # version that loses the alias, if any
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A registered version and the champion decision taken for it."""
+
+    name: str
+    version: str
+    decision: Decision
+    model_uri: str  # models:/<name>/<version>
+
+
+def version_ap(version: ModelVersion) -> float | None:
+    """The AP tag of a version, or None when it has none (registered by something else)."""
+    value = version.tags.get(f"{METRIC_TAG_PREFIX}AP")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def get_champion(client: MlflowClient, name: str) -> ModelVersion | None:
+    """The version holding the ``champion`` alias, or None."""
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(err).lower():
+            return None
+        raise
+
+
+def decide_champion(client: MlflowClient, name: str, new: ModelVersion) -> Decision:
+    """Apply the module's champion policy to version ``new`` (tags already set); changes nothing."""
+    new_ap = version_ap(new)
+    if new_ap is None:
+        raise ValueError(f"model {name} version {new.version} has no {METRIC_TAG_PREFIX}AP tag")
+    new_data = new.tags.get(VAL_DATA_TAG)
+    champion = get_champion(client, name)
+    if champion is None or champion.version == new.version:
+        return Decision(CHAMPION, "none", "first evaluated version: no champion yet")
+    champion_ap = version_ap(champion)
+    label = (
+        f"version {champion.version} AP {champion_ap:.4f}"
+        if champion_ap is not None
+        else f"version {champion.version}"
+    )
+    if champion.tags.get(VAL_DATA_TAG) == new_data and champion_ap is not None:
+        if new_ap > champion_ap:
+            reason = f"AP {new_ap:.4f} > champion {label} on the same validation data"
+            return Decision(CHAMPION, label, reason, previous_champion=champion.version)
+        return Decision(
+            "rejected", label, f"AP {new_ap:.4f} does not beat champion {label} on the same validation data"
+        )
+
+    # Different validation data: compare only with versions measured on the new version's data.
+    same_data = [
+        mv
+        for mv in client.search_model_versions(f"name = '{name}'")
+        if mv.version != new.version and mv.tags.get(VAL_DATA_TAG) == new_data and version_ap(mv) is not None
+    ]
+    changed = (
+        f"validation data changed (champion {label} was evaluated on "
+        f"{str(champion.tags.get(VAL_DATA_TAG, 'unknown'))[:12]}, this version on {str(new_data)[:12]})"
+    )
+    if not same_data:
+        return Decision(CHAMPION, label, f"{changed}; first version measured on this data", champion.version)
+    best = max(same_data, key=lambda mv: version_ap(mv) or -1.0)
+    best_label = f"version {best.version} AP {version_ap(best):.4f}"
+    if new_ap > (version_ap(best) or -1.0):
+        return Decision(
+            CHAMPION,
+            best_label,
+            f"{changed}; AP {new_ap:.4f} beats {best_label} on this data",
+            champion.version,
+        )
+    return Decision(
+        "rejected", best_label, f"{changed}; AP {new_ap:.4f} does not beat {best_label} on this data"
+    )
+
+
+def _tag_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return text[:5000]  # MLflow's limit on a tag value
+
+
+def register_model(
+    model_uri: str,
+    *,
+    name: str,
+    metrics: Mapping[str, float],
+    params: Mapping[str, Any],
+    data_hash: str | None,
+    val_data_hash: str,
+    git_commit: str | None,
+    extra_tags: Mapping[str, Any] | None = None,
+) -> Registration:
+    """Register ``model_uri`` (e.g. a logged model's ``models:/m-...``) as a new version of ``name``,
+    tag it, decide the champion (module docstring) and move the alias; returns what was done.
+
+    ``metrics`` must hold ``AP``. ``params`` maps a section name to its values (tagged as JSON).
+    """
+    if "AP" not in metrics:
+        raise ValueError("register_model: metrics lack 'AP', the champion criterion")
+    client = MlflowClient()
+    tags: dict[str, str] = {f"{METRIC_TAG_PREFIX}{k}": f"{float(v):.6g}" for k, v in metrics.items()}
+    tags.update({f"params.{section}": _tag_value(values) for section, values in params.items()})
+    tags[VAL_DATA_TAG] = val_data_hash
+    tags["data_hash"] = data_hash or "unknown"
+    tags["git_commit"] = git_commit or "unknown"
+    tags["status"] = "candidate"
+    tags.update({k: _tag_value(v) for k, v in (extra_tags or {}).items()})
+    version = mlflow.register_model(model_uri, name, tags=tags)
+    version = client.get_model_version(name, version.version)  # with its tags
+
+    decision = decide_champion(client, name, version)
+    client.set_model_version_tag(name, version.version, "compared_with", decision.compared_with)
+    client.set_model_version_tag(name, version.version, "decision", decision.reason)
+    client.update_model_version(name, version.version, description=f"{decision.status}: {decision.reason}")
+    if decision.status == CHAMPION:
+        if decision.previous_champion is not None:
+            client.set_model_version_tag(name, decision.previous_champion, "status", "retired")
+            client.set_model_version_tag(
+                name, decision.previous_champion, "retired_by", f"version {version.version}"
+            )
+        client.set_registered_model_alias(name, CHAMPION, version.version)
+    client.set_model_version_tag(name, version.version, "status", decision.status)
+    return Registration(
+        name=name,
+        version=str(version.version),
+        decision=decision,
+        model_uri=f"models:/{name}/{version.version}",
+    )

@@ -1,0 +1,1 @@
+"""Stage train: the training loop, Ray Train around it, checkpoints, the optimiser recipe."""

@@ -1,0 +1,120 @@
+"""Where the training loop reports to: Ray Train's worker session, or a local folder.
+
+The loop (`pipeline.train.loop.train_worker`) sees only the `Session` interface, so the very same
+loop runs under Ray Train on N workers and in one plain process for debugging:
+
+* `RaySession` -- ``ray.train.report`` (a barrier every rank reaches; rank 0 hands over the
+  checkpoint folder, Ray copies it into ``<storage_path>/<run name>/checkpoint_<iter>``) and
+  ``ray.train.get_checkpoint()`` (the latest checkpoint after a worker failure, or of an
+  earlier ``fit()`` with the same run name).
+* `LocalSession` -- the same semantics on one process: checkpoints renamed into
+  ``<directory>/checkpoint_<iter>`` when whole, the newest ``keep`` kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from pipeline.io import atomic_directory
+from pipeline.train.checkpoint import STATE_FILE, CheckpointError, load_checkpoint, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_dir_name(iteration: int) -> str:
+    return f"checkpoint_{iteration:08d}"
+
+
+class Session(Protocol):
+    """What the loop needs from its runner."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def restore(self) -> dict[str, Any] | None:
+        """The latest checkpoint's state (see `pipeline.train.checkpoint`), or None for a fresh run."""
+        ...
+
+    def report(self, metrics: dict[str, float], state: dict[str, Any] | None, iteration: int) -> None:
+        """Hand over metrics (every rank) and, from rank 0, a checkpoint state to keep."""
+        ...
+
+
+class LocalSession:
+    """One process, no Ray: checkpoints in ``directory``, the newest ``keep`` kept."""
+
+    def __init__(self, directory: str | Path, *, device: torch.device | None = None, keep: int = 2) -> None:
+        self.rank = 0
+        self.world_size = 1
+        self.device = device or torch.device("cpu")
+        self.directory = Path(directory)
+        self.keep = keep
+        self.reported: list[dict[str, float]] = []
+
+    def checkpoints(self) -> list[Path]:
+        """Whole checkpoint folders, oldest first."""
+        if not self.directory.is_dir():
+            return []
+        found = [p for p in self.directory.glob("checkpoint_*") if (p / STATE_FILE).is_file()]
+        return sorted(found, key=lambda p: p.name)
+
+    def restore(self) -> dict[str, Any] | None:
+        for path in reversed(self.checkpoints()):
+            try:
+                return load_checkpoint(path)
+            except CheckpointError as err:
+                log.warning("skipping unreadable checkpoint: %s", err)
+        return None
+
+    def report(self, metrics: dict[str, float], state: dict[str, Any] | None, iteration: int) -> None:
+        self.reported.append(dict(metrics))
+        if state is None:
+            return
+        with atomic_directory(self.directory / checkpoint_dir_name(iteration)) as tmp:
+            save_checkpoint(tmp, state)
+        for old in self.checkpoints()[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+class RaySession:
+    """Inside a Ray Train worker (``TorchTrainer`` has set up the process group)."""
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def restore(self) -> dict[str, Any] | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as directory:
+            return load_checkpoint(directory)
+
+    def report(self, metrics: dict[str, float], state: dict[str, Any] | None, iteration: int) -> None:
+        import ray.train
+
+        name = checkpoint_dir_name(iteration)
+        if state is None:
+            ray.train.report(metrics)
+            return
+        # Written whole in a temporary folder first; Ray copies it into the run's storage and
+        # registers it only once the copy is done, so a crash leaves no half checkpoint behind.
+        with tempfile.TemporaryDirectory(prefix="fpn-ckpt-") as tmp:
+            save_checkpoint(tmp, state)
+            ray.train.report(
+                metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name
+            )

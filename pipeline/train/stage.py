@@ -1,0 +1,265 @@
+"""Stage train, end to end: checks, the run's name, Ray Train (or one process), the outputs.
+
+`train(params, data_root, outputs, ...)`:
+
+1. checks the params before any work (`pipeline.train.preflight`), reads the data's categories and
+   hash (``manifest.json``), resolves ``train.init_weights`` to a local file (may download);
+2. names the run after what defines it: `run_name` hashes the model and training params and
+   the data hash, so the same config resumes its checkpoints and a changed one starts fresh;
+3. trains: `pipeline.train.ray_train.fit` (``RAY_ADDRESS``'s cluster or a local one), or with
+   ``use_ray=False`` the same loop in this process (`pipeline.train.sessions.LocalSession`);
+4. writes the model file, the metrics JSON and the loss CSV, and finishes the MLflow run that
+   rank 0 opened (final metrics, the model via ``mlflow.pytorch.log_model``).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline import cluster
+from pipeline.cluster import check_fits
+from pipeline.config import Params
+from pipeline.io import atomic_write_text
+from pipeline.model_file import save_model_file
+from pipeline.provenance import git_commit, project_root
+from pipeline.tracking.run import TrackedRun, flatten, tracking_uri
+from pipeline.train.checkpoint import Progress, history_rows
+from pipeline.train.init_weights import resolve_init_weights
+from pipeline.train.loop import LOSS_NAMES, TrainJob, train_worker
+from pipeline.train.preflight import check_categories, check_train_params
+
+log = logging.getLogger(__name__)
+
+# train: keys that do not change what is learned (where things go, how often to log, how many
+# retries, data-loading processes): left out of the run's name so changing them resumes.
+NAME_NEUTRAL_TRAIN_KEYS = frozenset(
+    {"storage_path", "experiment", "log_every", "checkpoint_every", "max_failures", "loader_workers"}
+)
+PLOT_COLUMNS = ("step", "loss", *LOSS_NAMES, "lr")
+PIP_REQUIREMENTS_PACKAGES = ("torch", "torchvision")
+
+
+@dataclass(frozen=True)
+class TrainOutputs:
+    """The stage's output paths (dvc.yaml names them)."""
+
+    model: Path  # the model file (`pipeline.model_file`)
+    metrics: Path  # DVC metrics JSON
+    plots: Path  # DVC plots CSV: step, loss, each loss term, lr
+
+
+def run_name(params: Params, data_hash: str) -> str:
+    """``fpn-<12 hex>``: a hash of ``model:``, ``train:`` (less `NAME_NEUTRAL_TRAIN_KEYS`) and the data hash."""
+    train = {k: v for k, v in params.to_dict()["train"].items() if k not in NAME_NEUTRAL_TRAIN_KEYS}
+    defining = {"model": params.to_dict()["model"], "train": train, "data_hash": data_hash}
+    digest = hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()
+    return f"fpn-{digest[:12]}"
+
+
+def resolve_storage(storage_path: str | None, params: Params) -> str:
+    """Ray Train storage: the command line's, else ``train.storage_path``, else ``<project>/runs/ray``.
+
+    Local paths become absolute (Ray needs that); URIs (``s3://...``) pass through.
+    """
+    chosen = storage_path or params.train.storage_path or str(project_root() / "runs" / "ray")
+    if "://" in chosen:
+        return chosen
+    return str(Path(chosen).expanduser().resolve())
+
+
+def train(
+    params: Params,
+    data_root: str | Path,
+    outputs: TrainOutputs,
+    *,
+    storage_path: str | None = None,
+    use_ray: bool = True,
+    status_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Train, write ``outputs``, and return the metrics written to ``outputs.metrics``."""
+    from pipeline.dataset import read_categories, read_data_hash
+
+    started = time.perf_counter()
+    check_train_params(params)
+    data_root = Path(data_root).resolve()
+    categories = read_categories(data_root)
+    check_categories(params, categories, f"{data_root / 'categories.json'}")
+    data_hash = read_data_hash(data_root)
+    name = run_name(params, data_hash)
+    storage = resolve_storage(storage_path, params)
+    uri = tracking_uri()
+    job = TrainJob(
+        params=params,
+        data_root=str(data_root),
+        run_name=name,
+        data_hash=data_hash,
+        git_commit=git_commit(),
+        tracking_uri=uri,
+        init_weights_file=None,
+        status_dir=str(Path(status_dir).resolve()) if status_dir else None,
+    )
+    if use_ray:
+        from pipeline.train import ray_train
+
+        where = cluster.connect()
+        check_fits(params, cluster.resources(), where)
+        job = dataclasses.replace(job, init_weights_file=resolve_init_weights(params))
+        log.info("training run %s (storage %s) on %s", name, storage, where)
+        state = ray_train.fit(job, storage)
+    else:
+        from pipeline.train.sessions import LocalSession
+
+        if params.train.num_workers != 1:
+            log.warning("train.num_workers=%d ignored without Ray: one process", params.train.num_workers)
+        local = {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+        check_fits(
+            dataclasses.replace(
+                params, train=dataclasses.replace(params.train, num_workers=1, cpus_per_worker=1.0)
+            ),
+            local,
+            "this machine",
+        )
+        job = dataclasses.replace(job, init_weights_file=resolve_init_weights(params))
+        session = LocalSession(
+            Path(storage) / f"{name}-local", device=torch.device("cuda" if params.train.use_gpu else "cpu")
+        )
+        log.info("training run %s in this process (checkpoints in %s)", name, session.directory)
+        train_worker(job, session)
+        state = session.restore()
+        assert state is not None, "the loop always ends with a checkpoint"
+    return write_outputs(params, job, state, categories, outputs, wall_time_s=time.perf_counter() - started)
+
+
+def summary_metrics(params: Params, state: dict[str, Any], wall_time_s: float) -> dict[str, Any]:
+    """Final loss values (mean of the last ``train.log_every`` steps), throughput, counts, times."""
+    rows = history_rows(state)
+    progress = Progress.from_dict(state["progress"])
+    window = rows[-params.train.log_every :] if rows else []
+    metrics: dict[str, Any] = {}
+    for column in ("loss", *LOSS_NAMES):
+        metrics[column] = sum(r[column] for r in window) / len(window) if window else None
+    metrics.update(
+        {
+            "loss_last_steps": len(window),
+            "lr": rows[-1]["lr"] if rows else None,
+            "iterations": progress.iteration,
+            "epochs": progress.epoch + (1 if progress.batch_in_epoch else 0),
+            "images_seen": progress.images_seen,
+            "images_per_s": progress.images_seen / progress.train_seconds if progress.train_seconds else None,
+            "train_time_s": round(progress.train_seconds, 2),
+            "wall_time_s": round(wall_time_s, 2),
+            "attempts": progress.attempts,
+        }
+    )
+    return metrics
+
+
+def plots_csv(state: dict[str, Any]) -> str:
+    """``step,loss,loss_rpn_cls,loss_rpn_box,loss_cls,loss_box,lr`` per optimizer step."""
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(PLOT_COLUMNS)
+    for row in history_rows(state):
+        writer.writerow([int(row["step"]), *(f"{row[c]:.6g}" for c in PLOT_COLUMNS[1:])])
+    return buffer.getvalue()
+
+
+def model_signature() -> Any:
+    """Inputs: one image ``float32 (3, H, W)`` in 0..1; outputs: ``boxes (D, 4)``, ``scores``, ``labels``."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (3, -1, -1), "image")]),
+        outputs=Schema(
+            [
+                TensorSpec(np.dtype(np.float32), (-1, 4), "boxes"),
+                TensorSpec(np.dtype(np.float32), (-1,), "scores"),
+                TensorSpec(np.dtype(np.int64), (-1,), "labels"),
+            ]
+        ),
+    )
+
+
+def _pip_requirements() -> list[str]:
+    from importlib import metadata
+
+    pins = []
+    for package in PIP_REQUIREMENTS_PACKAGES:
+        try:
+            pins.append(f"{package}=={metadata.version(package).split('+')[0]}")
+        except metadata.PackageNotFoundError:
+            pins.append(package)
+    return pins
+
+
+def write_outputs(
+    params: Params,
+    job: TrainJob,
+    state: dict[str, Any],
+    categories: list[dict[str, Any]],
+    outputs: TrainOutputs,
+    *,
+    wall_time_s: float,
+) -> dict[str, Any]:
+    """Model file, metrics JSON, plots CSV; then the MLflow run's final metrics, model and status."""
+    from fpn import build_detector
+
+    metrics = summary_metrics(params, state, wall_time_s)
+    run_id = state["run"].get("mlflow_run_id")
+    run = TrackedRun.disabled("no tracking URI")
+    if job.tracking_uri:
+        # Rank 0 opened the run; if MLflow was down then, this tries once more with a new run.
+        run = TrackedRun.open(
+            job.tracking_uri,
+            params.train.experiment,
+            run_id=run_id,
+            run_name=job.run_name,
+            tags={"run_name": job.run_name, "data_hash": job.data_hash, "git_commit": job.git_commit},
+        )
+        if run_id is None:
+            run.log_params(flatten(params.to_dict()))
+        run_id = run.run_id or run_id
+
+    model = build_detector(params.model)
+    model.load_state_dict(state["model"])
+    model.eval()
+    extra = {
+        "mlflow_run_id": run_id,
+        "data_hash": job.data_hash,
+        "git_commit": job.git_commit,
+        "run_name": job.run_name,
+    }
+    save_model_file(outputs.model, model, params.model, categories, extra)
+    atomic_write_text(outputs.metrics, json.dumps(metrics, indent=2) + "\n")
+    atomic_write_text(outputs.plots, plots_csv(state))
+    log.info("wrote %s, %s, %s", outputs.model, outputs.metrics, outputs.plots)
+
+    final_step = int(metrics["iterations"])
+    run.log_metrics(
+        {f"final_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None},
+        step=final_step,
+    )
+    run.log_artifact(outputs.plots)
+    run.log_pytorch_model(
+        model, name="model", signature=model_signature(), pip_requirements=_pip_requirements()
+    )
+    run.finish("FINISHED")
+    metrics_out = dict(metrics)
+    metrics_out["mlflow_run_id"] = run_id
+    metrics_out["run_name"] = job.run_name
+    return metrics_out

@@ -1,0 +1,1 @@
+"""Stage tune: a Ray Tune sweep whose trials are Ray Train runs of the same loop."""

@@ -1,0 +1,416 @@
+"""Stage tune: a Ray Tune sweep over ``train:``/``model:`` keys, each trial a Ray Train run of the same loop.
+
+`tune_sweep(raw_params, data_root, outputs, storage_path=...)`:
+
+1. checks ``tune:`` and its space (`pipeline.tune.search_space`) against the params, the data and
+   the cluster before any work;
+2. opens the sweep's MLflow run (the parent) in ``train.experiment``. When the tracking URI is a
+   SQLite file, a local ``mlflow server`` on 127.0.0.1 owns it for the sweep
+   (`pipeline.tracking.server`) and trials log over HTTP: parallel SQLite writers would fail with
+   "database is locked";
+3. runs ``ray.tune.Tuner`` on `run_trial`: the trial function builds and fits a ``TorchTrainer``
+   (`pipeline.train.ray_train.build_trainer`, named after the trial) running `pipeline.train.loop`'s loop
+   with the sampled params, ``train.iterations = tune.iterations``. Its Train ``RunConfig``
+   holds `HoldoutReportCallback`, a ``TuneReportCallback`` that first scores each checkpoint
+   (every ``tune.eval_every`` iterations) on ``tune.val_images`` held-out images
+   (`pipeline.tune.holdout`) and forwards only those scored reports to Tune. ASHA
+   (``time_attr="iteration"``, ``max_t = tune.iterations``) stops weak trials; Optuna's TPE (or
+   random search) proposes the next ones. Rank 0 of each trial logs to an MLflow child run
+   (tag ``mlflow.parentRunId``);
+4. writes the best trial's sampled values as a params file (``{"train": {"lr": ...}}``, with the
+   ``dvc exp run -S ...`` line that applies it in a comment) and a CSV of every trial.
+
+Resources: a trial's function holds no CPU (only `TRIAL_DRIVER_MEMORY` of memory): its Train
+workers hold ``train.num_workers x train.cpus_per_worker`` CPUs, and
+``tune.max_concurrent_trials`` trials must fit the cluster at once (checked).
+
+Ray Train's controller of a trial that ASHA stops dies with the trial; Ray Train's
+``PlacementGroupCleaner`` then frees its workers' resources. It finds the cluster through the
+state API, which needs the cluster's dashboard address when several Ray clusters run on one
+machine: `connect` gives it to every process of a cluster it starts
+(``RAY_API_SERVER_ADDRESS``); a cluster started with ``ray start`` should have it in its
+environment (tests/ray_cluster.py does this).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from pipeline import cluster
+from pipeline.cluster import check_fits
+from pipeline.config import ConfigError, Params, TuneConfig, params_from_dict
+from pipeline.io import atomic_write_text
+from pipeline.tune.results import (
+    TuneError,
+    best_params_text,
+    best_row,
+    best_sample,
+    rows_csv,
+    trial_rows,
+)
+from pipeline.tune.search_space import (
+    SearchSpace,
+    apply_sample,
+    parse_space,
+    set_param_args,
+    trial_train_overrides,
+)
+
+log = logging.getLogger(__name__)
+
+TRIAL_DRIVER_MEMORY = 256 * 1024**2  # bytes reserved for a trial's function (Tune needs a non-empty request)
+TRIAL_TAG = "tune.trial_id"
+SWEEP_TAG = "tune.sweep"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+@dataclass(frozen=True)
+class TuneOutputs:
+    """The stage's output paths (dvc.yaml names them)."""
+
+    best_params: Path  # YAML params file with the best trial's values of the searched keys
+    results: Path  # CSV, one row per trial
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """What every trial needs; plain and picklable (Tune ships it to each trial)."""
+
+    name: str
+    raw_params: dict[str, Any]  # the params file as a dict: each trial applies its sample to it
+    space: SearchSpace
+    tune: TuneConfig
+    data_root: str
+    data_hash: str
+    git_commit: str
+    tracking_uri: str | None  # what trials log to (the HTTP server during a SQLite sweep)
+    parent_run_id: str | None
+    train_storage: str  # Ray Train runs of the trials: <train_storage>/<trial name>
+    init_weights_file: str | None
+
+    def trial_params(self, sample: dict[str, Any]) -> Params:
+        """The params a trial trains with: the sample applied, the length and checkpoints set by ``tune:``."""
+        base = params_from_dict(self.raw_params, where="params")
+        merged = apply_sample(self.raw_params, sample)
+        train = trial_train_overrides(
+            base.train, iterations=self.tune.iterations, eval_every=self.tune.eval_every
+        )
+        merged = apply_sample(merged, {f"train.{k}": v for k, v in train.items()})
+        return params_from_dict(merged, where="trial params")
+
+    def run_tags(self, trial_id: str) -> tuple[tuple[str, str], ...]:
+        tags = [(SWEEP_TAG, self.name), (TRIAL_TAG, trial_id)]
+        if self.parent_run_id:
+            tags.append((PARENT_TAG, self.parent_run_id))
+        return tuple(tags)
+
+
+class HoldoutReportCallback(TuneReportCallback):
+    """``TuneReportCallback`` that scores each checkpoint on held-out images before Tune sees it.
+
+    Runs in the trial's Ray Train controller (on the trial's node, holding no CPU of its own).
+    For each report with a checkpoint it loads the checkpoint, evaluates the model on the
+    held-out images (`pipeline.tune.holdout.HoldoutSet`, loaded once), and forwards rank 0's metrics
+    plus ``val_ap50``, ``val_ap`` and ``train_loss`` (the mean loss of every step since the
+    previous evaluation, from the checkpoint's history) to Tune; the scores also go to the
+    trial's MLflow run at the checkpoint's iteration. Reports without a checkpoint are not
+    forwarded: every Tune result of a trial carries the metric ASHA compares.
+    """
+
+    def __init__(
+        self, sweep: Sweep, params: Params, *, tracking_uri: str | None, eval_threads: int = 1
+    ) -> None:
+        super().__init__()
+        self._data_root = sweep.data_root
+        self._split = params.data.val_split
+        self._num_images = sweep.tune.val_images
+        self._model_config = params.model
+        self._tracking_uri = tracking_uri
+        self._eval_threads = eval_threads
+        self._holdout: Any = None
+        self._last_iteration = 0
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        if checkpoint is None:
+            return
+        import torch
+
+        from fpn import build_detector
+        from pipeline.tracking.run import TrackedRun
+        from pipeline.train.checkpoint import history_rows, load_checkpoint
+        from pipeline.tune.holdout import HoldoutSet
+
+        if self._eval_threads > 0:
+            torch.set_num_threads(self._eval_threads)
+        torch.set_flush_denormal(True)
+        if self._holdout is None:
+            self._holdout = HoldoutSet.load(self._data_root, self._split, self._num_images)
+        with checkpoint.as_directory() as directory:
+            state = load_checkpoint(directory)
+        iteration = int(state["progress"]["iteration"])
+        losses = [row["loss"] for row in history_rows(state) if row["step"] > self._last_iteration]
+        self._last_iteration = iteration
+        model = build_detector(self._model_config)
+        model.load_state_dict(state["model"])
+        started = time.perf_counter()
+        scores = self._holdout.evaluate(model)
+        scores["train_loss"] = sum(losses) / len(losses) if losses else math.nan
+        log.info(
+            "[tune] iteration %d: %s (%d held-out images, %.1f s)",
+            iteration,
+            ", ".join(f"{k} {v:.4f}" for k, v in scores.items()),
+            len(self._holdout),
+            time.perf_counter() - started,
+        )
+        run_id = state["run"].get("mlflow_run_id")
+        if self._tracking_uri and run_id:
+            TrackedRun(self._tracking_uri, run_id).log_metrics(scores, step=iteration)
+        result = {**metrics[0], **scores, "iteration": iteration}
+        super().after_report(run_context, [result], checkpoint)
+
+
+def run_trial(config: dict[str, Any], sweep: Sweep) -> None:
+    """The Tune trial function: fit one ``TorchTrainer`` (named after the trial) on the sampled params."""
+    from ray import tune
+
+    from pipeline.train.loop import TrainJob
+    from pipeline.train.ray_train import build_trainer
+
+    context = tune.get_context()
+    sample = sweep.space.decode(config)
+    params = sweep.trial_params(sample)
+    job = TrainJob(
+        params=params,
+        data_root=sweep.data_root,
+        run_name=context.get_trial_name(),
+        data_hash=sweep.data_hash,
+        git_commit=sweep.git_commit,
+        tracking_uri=sweep.tracking_uri,
+        init_weights_file=sweep.init_weights_file,
+        run_tags=sweep.run_tags(context.get_trial_id()),
+    )
+    callback = HoldoutReportCallback(sweep, params, tracking_uri=sweep.tracking_uri)
+    build_trainer(job, sweep.train_storage, callbacks=[callback]).fit()
+
+
+class TrialLedger(Callback):
+    """Tune callback (runs in the driver): each trial's config, last result, and how it ended."""
+
+    def __init__(self) -> None:
+        self.trials: dict[str, dict[str, Any]] = {}
+
+    def _entry(self, trial: Any) -> dict[str, Any]:
+        entry = self.trials.setdefault(
+            trial.trial_id, {"trial_id": trial.trial_id, "trial_name": str(trial), "status": "running"}
+        )
+        entry["config"] = dict(trial.config)
+        return entry
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self._entry(trial)["result"] = dict(result)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        entry = self._entry(trial)
+        entry["status"] = "completed"
+        entry.setdefault("result", dict(trial.last_result or {}))
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        entry = self._entry(trial)
+        entry["status"] = "error"
+        error = trial.get_error()
+        entry["error"] = f"{type(error).__name__}: {error}"[-2000:] if error else "unknown error"
+
+
+def sweep_name(params: Params, data_hash: str) -> str:
+    """``tune-<8 hex>-<UTC time>``: a hash of ``model:``, ``train:``, ``tune:`` and the data, and when."""
+    plain = params.to_dict()
+    defining = {k: plain[k] for k in ("model", "train", "tune")} | {"data_hash": data_hash}
+    digest = hashlib.sha256(json.dumps(defining, sort_keys=True, default=str).encode()).hexdigest()
+    return f"tune-{digest[:8]}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+
+
+def _search_algorithm(cfg: TuneConfig) -> Any:
+    """Optuna's TPE (random for its first trials, then model-based), or Tune's random search."""
+    if cfg.search == "random":
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=cfg.seed)
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    startup = max(1, min(10, cfg.num_samples // 3))
+    return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=startup))
+
+
+def _finish_child_runs(uri: str, experiment: str, sweep: Sweep, rows: list[dict[str, Any]]) -> dict[str, str]:
+    """Mark each trial's run FINISHED / KILLED (stopped early) / FAILED; returns trial id -> run id."""
+    from mlflow import MlflowClient
+
+    run_ids: dict[str, str] = {}
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            return run_ids
+        runs = client.search_runs([found.experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep.name}'")
+        by_trial = {run.data.tags.get(TRIAL_TAG): run for run in runs}
+        for row in rows:
+            run = by_trial.get(row["trial_id"])
+            if run is None:
+                continue
+            run_ids[row["trial_id"]] = run.info.run_id
+            status = {"finished": "FINISHED", "stopped_early": "KILLED"}.get(row["status"], "FAILED")
+            client.set_tag(run.info.run_id, "tune.outcome", row["status"])
+            client.set_terminated(run.info.run_id, status=status)
+    except Exception as err:  # noqa: BLE001 - tracking must not cost the sweep's outputs
+        log.warning("could not finish the trials' MLflow runs at %s: %s", uri, err)
+    return run_ids
+
+
+def _tuner(sweep: Sweep, storage: str, ledger: TrialLedger) -> Any:
+    """``ray.tune.Tuner``: `run_trial` per trial, ASHA on ``iteration``, Optuna (or random) proposals."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    cfg = sweep.tune
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, sweep=sweep), {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY}
+    )
+    return tune.Tuner(
+        trainable,
+        param_space=sweep.space.to_tune(),
+        tune_config=tune.TuneConfig(
+            metric=cfg.metric,
+            mode=cfg.mode,
+            num_samples=cfg.num_samples,
+            max_concurrent_trials=cfg.max_concurrent_trials,
+            search_alg=_search_algorithm(cfg),
+            scheduler=ASHAScheduler(
+                time_attr="iteration",
+                max_t=cfg.iterations,
+                grace_period=cfg.grace_period,
+                reduction_factor=cfg.reduction_factor,
+            ),
+        ),
+        # Tune callbacks belong here, in Tune's RunConfig (the Train RunConfig rejects them).
+        run_config=tune.RunConfig(name=sweep.name, storage_path=storage, callbacks=[ledger]),
+    )
+
+
+def tune_sweep(
+    raw_params: dict[str, Any],
+    data_root: str | Path,
+    outputs: TuneOutputs,
+    *,
+    storage_path: str | None = None,
+) -> dict[str, Any]:
+    """Run the sweep, write ``outputs``; returns a summary (best trial, counts, times, MLflow parent run)."""
+    import ray
+
+    from pipeline.dataset import read_categories, read_data_hash
+    from pipeline.provenance import git_commit, project_root
+    from pipeline.tracking.run import TrackedRun, flatten, tracking_uri
+    from pipeline.tracking.server import serve_sqlite
+    from pipeline.train.init_weights import resolve_init_weights
+    from pipeline.train.preflight import check_categories, check_train_params
+
+    started = time.perf_counter()
+    params = params_from_dict(raw_params, where="params")
+    cfg = params.tune
+    space = parse_space(cfg.space, raw_params)
+    check_train_params(params)
+    data_root = Path(data_root).resolve()
+    check_categories(params, read_categories(data_root), f"{data_root / 'categories.json'}")
+    data_hash = read_data_hash(data_root)
+    if not (data_root / params.data.val_split / "index.json").is_file():
+        raise ConfigError(
+            f"data.val_split: {data_root / params.data.val_split / 'index.json'} not found: "
+            "the held-out images come from the validation split"
+        )
+    storage = str(Path(storage_path or project_root() / "runs" / "tune").expanduser().resolve())
+    name = sweep_name(params, data_hash)
+
+    where = cluster.connect()
+    check_fits(params, cluster.resources(), where, runs=params.tune.max_concurrent_trials,
+               runs_key="tune.max_concurrent_trials")  # fmt: skip
+
+    uri = tracking_uri()
+    experiment = params.train.experiment
+    parent = TrackedRun.open(uri, experiment, run_name=name, tags={SWEEP_TAG: name, "data_hash": data_hash})
+    parent.log_params(
+        flatten({"tune": {k: v for k, v in params.to_dict()["tune"].items() if k != "space"}})
+        | {f"tune.space.{d.key}": d.describe() for d in space.dimensions}
+    )
+    log.info("sweep %s: %d trials over %s on %s", name, cfg.num_samples, ", ".join(space.keys), where)
+    try:
+        # Trials write to MLflow side by side: a SQLite store gets one server that owns it.
+        with serve_sqlite(uri, artifact_root=project_root() / "mlruns") as trial_uri:
+            sweep = Sweep(
+                name=name,
+                raw_params=raw_params,
+                space=space,
+                tune=cfg,
+                data_root=str(data_root),
+                data_hash=data_hash,
+                git_commit=git_commit(),
+                tracking_uri=trial_uri if parent.run_id else None,
+                parent_run_id=parent.run_id,
+                train_storage=str(Path(storage) / name / "train"),
+                init_weights_file=resolve_init_weights(params),
+            )
+            ledger = TrialLedger()
+            _tuner(sweep, storage, ledger).fit()
+            rows = trial_rows(ledger.trials, space, cfg)
+            run_ids = _finish_child_runs(trial_uri, experiment, sweep, rows) if parent.run_id else {}
+        for row in rows:
+            row["mlflow_run_id"] = run_ids.get(row["trial_id"], "")
+        if not rows:
+            raise TuneError(f"sweep {name}: Tune ran no trial")
+        best = best_row(rows, cfg)
+    except BaseException as err:
+        parent.set_tags({"error": f"{type(err).__name__}: {err}"[:5000]})
+        parent.finish("FAILED")
+        raise
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+
+    atomic_write_text(outputs.results, rows_csv(rows))
+    atomic_write_text(outputs.best_params, best_params_text(name, best, space, cfg))
+    sample = best_sample(best, space)
+    log.info("best trial %s: %s %.4f %s; wrote %s and %s", best["trial_id"], cfg.metric, best[cfg.metric], sample,
+             outputs.best_params, outputs.results)  # fmt: skip
+    parent.log_params(
+        {f"best.{k}": json.dumps(v) if isinstance(v, list) else str(v) for k, v in sample.items()}
+    )
+    parent.set_tags({"best_trial_id": best["trial_id"], "best_run_id": best.get("mlflow_run_id", "")})
+    parent.log_metrics({f"best_{cfg.metric}": float(best[cfg.metric])}, step=int(best["iteration"] or 0))
+    parent.log_artifact(outputs.results)
+    parent.log_artifact(outputs.best_params)
+    parent.finish("FINISHED")
+    counts = {
+        status: sum(r["status"] == status for r in rows) for status in ("finished", "stopped_early", "error")
+    }
+    return {
+        "sweep": name,
+        "trials": len(rows),
+        **counts,
+        "best_trial_id": best["trial_id"],
+        "best": sample,
+        "metric": cfg.metric,
+        "value": best[cfg.metric],
+        "mlflow_parent_run_id": parent.run_id,
+        "storage": str(Path(storage) / name),
+        "wall_time_s": round(time.perf_counter() - started, 1),
+        "set_param_args": set_param_args(sample),
+    }

@@ -1,0 +1,41 @@
+"""pipeline.preprocess.parallel: results in order on every backend; an unreachable Ray cluster fails at once."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from pipeline.cluster import ClusterError
+from pipeline.preprocess.parallel import ordered_map, use_ray_requested
+from tests.conftest import free_port
+
+
+def square_all(chunk: list[int], offset: int) -> list[int]:
+    time.sleep(0.01 * (len(chunk) % 3))  # chunks finish out of order
+    return [x * x + offset for x in chunk]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_results_come_back_in_order(workers: int) -> None:
+    chunks = ([i, i + 1, i + 2][: 1 + i % 3] for i in range(0, 60, 3))  # a lazy generator
+    out = list(ordered_map(square_all, chunks, 1, workers=workers))
+    expected = [square_all([i, i + 1, i + 2][: 1 + i % 3], 1) for i in range(0, 60, 3)]
+    assert out == expected
+
+
+def test_ray_address_alone_asks_for_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert not use_ray_requested(False) and use_ray_requested(True)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert use_ray_requested(False)
+
+
+def test_unreachable_ray_cluster_fails_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("ray")
+    port = free_port()  # nothing listens there
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    start = time.monotonic()
+    with pytest.raises(ClusterError, match=f"cannot reach the Ray cluster at RAY_ADDRESS=127.0.0.1:{port}"):
+        list(ordered_map(square_all, [[1]], 0, use_ray=True))
+    assert time.monotonic() - start < 10

@@ -1,0 +1,212 @@
+"""pipeline.preprocess.stage on hand-made bad input: what is skipped, converted, clipped, and what is fatal."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.coco_format import CocoFormatError
+from pipeline.config import PreprocessConfig
+from pipeline.preprocess.stage import PreprocessError, preprocess_dataset
+
+SPLITS = ("train2017", "val2017")
+SERIAL = PreprocessConfig(workers=1)
+
+
+def jpeg(mode: str, size: tuple[int, int] = (64, 48), seed: int = 0) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    image = Image.fromarray(pixels).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def write_coco(
+    root: Path, split: str, images: dict[str, bytes | None], annotations: list[dict[str, Any]]
+) -> None:
+    """``images``: file name -> bytes (None: listed but absent). Ids are 1.. in order; all 64x48."""
+    (root / split).mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i, (name, data) in enumerate(images.items(), start=1):
+        entries.append({"id": i, "file_name": name, "width": 64, "height": 48})
+        if data is not None:
+            (root / split / name).write_bytes(data)
+    coco = {
+        "images": entries,
+        "annotations": [
+            {"id": k, "iscrowd": 0, "area": 1.0, **a} for k, a in enumerate(annotations, start=1)
+        ],
+        "categories": [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}],
+    }
+    (root / "annotations").mkdir(exist_ok=True)
+    (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
+
+
+@pytest.fixture
+def messy(tmp_path: Path) -> Path:
+    root = tmp_path / "coco"
+    good = jpeg("RGB")
+    images = {
+        "ok.jpg": good,
+        "gray.jpg": jpeg("L", seed=1),
+        "cmyk.jpg": jpeg("CMYK", seed=2),
+        "truncated.jpg": good[: len(good) // 2],
+        "corrupt.jpg": b"\xff\xd8\xff\xe0 this is not a JPEG at all",
+        "missing.jpg": None,
+    }
+    annotations = [
+        {"image_id": 1, "category_id": 3, "bbox": [8, 8, 16, 12]},  # kept
+        {"image_id": 1, "category_id": 7, "bbox": [50, 40, 30, 30]},  # clipped to the image
+        {"image_id": 1, "category_id": 7, "bbox": [100, 100, 10, 10]},  # outside: clipped to nothing, dropped
+        {"image_id": 1, "category_id": 3, "bbox": [10, 10, 0, 5]},  # zero width: dropped
+        {"image_id": 1, "category_id": 3, "bbox": [0, 0, 30, 30], "iscrowd": 1},  # crowd: kept aside
+        {"image_id": 2, "category_id": 7, "bbox": [1, 2, 3, 4]},  # on the grayscale image
+        {"image_id": 99, "category_id": 3, "bbox": [1, 1, 5, 5]},  # no such image
+        {"image_id": 1, "category_id": 5, "bbox": [1, 1, 5, 5]},  # no such category
+        {"image_id": 1, "category_id": 3, "bbox": [1, 1, 5]},  # malformed bbox
+        {"image_id": 1, "category_id": 3, "bbox": ["a", 1, 5, 5]},  # malformed bbox
+    ]
+    write_coco(root, "train2017", images, annotations)
+    write_coco(
+        root,
+        "val2017",
+        {"v.jpg": jpeg("RGB", seed=3)},
+        [{"image_id": 1, "category_id": 7, "bbox": [4, 4, 8, 8]}],
+    )
+    return root
+
+
+def run(root: Path, out: Path, cfg: PreprocessConfig = SERIAL, min_size: int = 96, max_size: int = 160):
+    return preprocess_dataset(
+        root, out, splits=SPLITS, min_size=min_size, max_size=max_size, cfg=cfg, progress=False
+    )
+
+
+def test_bad_input_is_reported_and_skipped(messy: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pre"
+    summary = run(messy, out)
+    counts = summary.counts["train2017"]
+    assert counts["images_listed"] == 6
+    assert counts["images_written"] == 3 and counts["images_skipped"] == 3 and counts["images_missing"] == 1
+    assert counts["images_converted"] == 2
+    assert counts["annotations_skipped"] == 4
+    assert (counts["boxes"], counts["crowd_boxes"], counts["boxes_clipped"], counts["boxes_dropped"]) == (
+        3,
+        1,
+        2,
+        2,
+    )
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["counts"] == summary.counts
+    by_kind: dict[str, list[str]] = {}
+    for p in report["problems"]:
+        assert p["message"].startswith(p["file"])
+        by_kind.setdefault(p["kind"], []).append(Path(p["file"]).name)
+    assert sorted(by_kind["corrupt_image"]) == ["corrupt.jpg", "truncated.jpg"]
+    assert by_kind["missing_image"] == ["missing.jpg"]
+    assert sorted(by_kind["converted"]) == ["cmyk.jpg", "gray.jpg"]
+    assert by_kind["annotation_without_image"] == by_kind["unknown_category"] == ["instances_train2017.json"]
+    assert by_kind["bad_annotation"] == ["instances_train2017.json"] * 2
+    assert len(by_kind["degenerate_box"]) == 2
+
+    index = json.loads((out / "train2017" / "index.json").read_text())
+    assert index["annotation_file"] == str(messy / "annotations" / "instances_train2017.json")
+    records = {r["image_id"]: r for r in index["images"]}
+    assert sorted(records) == [1, 2, 3]
+    ok = records[1]
+    # 64x48 -> shorter side 96 (max 160 not reached): 128x96, factor 2 on both axes.
+    assert (ok["width"], ok["height"], ok["scale_x"], ok["scale_y"]) == (128, 96, 2.0, 2.0)
+    assert ok["boxes"] == [[16.0, 16.0, 48.0, 40.0], [100.0, 80.0, 128.0, 96.0]]
+    assert ok["labels"] == [1, 2]  # COCO ids 3, 7 -> labels 1, 2
+    assert ok["crowd_boxes"] == [[0.0, 0.0, 60.0, 60.0]]
+    assert ok["aspect_ratio"] == pytest.approx(128 / 96)
+    for record in records.values():
+        with Image.open(out / "train2017" / record["file"]) as image:
+            assert image.mode == "RGB" and image.size == (record["width"], record["height"])
+
+    categories = json.loads((out / "categories.json").read_text())
+    assert categories == [{"label": 1, "id": 3, "name": "cat"}, {"label": 2, "id": 7, "name": "dog"}]
+    manifest = json.loads((out / "manifest.json").read_text())
+    digest = hashlib.sha256()
+    for part in ("train2017/index.json", "val2017/index.json", "categories.json"):
+        digest.update((out / part).read_bytes())
+    assert manifest["data_hash"] == digest.hexdigest() == summary.data_hash
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
+
+
+def test_process_pool_gives_the_same_output(messy: Path, tmp_path: Path) -> None:
+    serial = run(messy, tmp_path / "serial")
+    pooled = run(messy, tmp_path / "pooled", PreprocessConfig(workers=2))
+    assert pooled.data_hash == serial.data_hash
+    assert pooled.counts == serial.counts
+
+
+def test_real_grayscale_jpeg_becomes_rgb(shared_data: Path, tmp_path: Path) -> None:
+    root = tmp_path / "coco"
+    gray = (shared_data / "grayscale" / "000000431848.jpg").read_bytes()
+    write_coco(root, "train2017", {"000000431848.jpg": gray}, [])
+    write_coco(root, "val2017", {"000000431848.jpg": gray}, [])
+    for split in SPLITS:  # the real file is 378x640 (portrait), not the helper's 64x48
+        path = root / "annotations" / f"instances_{split}.json"
+        coco = json.loads(path.read_text())
+        coco["images"][0].update(width=378, height=640)
+        path.write_text(json.dumps(coco))
+    summary = run(root, tmp_path / "pre", min_size=128, max_size=256)
+    assert (
+        summary.counts["train2017"]["images_converted"] == 1
+        and summary.counts["train2017"]["images_written"] == 1
+    )
+    record = json.loads((tmp_path / "pre" / "train2017" / "index.json").read_text())["images"][0]
+    assert (record["orig_width"], record["orig_height"], record["width"], record["height"]) == (
+        378,
+        640,
+        128,
+        217,
+    )
+    with Image.open(tmp_path / "pre" / "train2017" / "images" / "1.jpg") as image:
+        assert image.mode == "RGB" and image.size == (128, 217)
+
+
+def test_malformed_annotation_files_are_fatal_and_named(messy: Path, tmp_path: Path) -> None:
+    ann = messy / "annotations" / "instances_val2017.json"
+    ann.write_text('{"images": [], "annotations": [}')
+    with pytest.raises(CocoFormatError, match=rf"{ann}: not valid JSON"):
+        run(messy, tmp_path / "pre")
+    ann.write_text('{"images": [], "categories": []}')
+    with pytest.raises(CocoFormatError, match=rf"{ann}: 'annotations' must be a list"):
+        run(messy, tmp_path / "pre")
+    ann.write_text('{"images": [{"id": 1}], "annotations": [], "categories": []}')
+    with pytest.raises(CocoFormatError, match=rf"{ann}: images\[0\]\.file_name must be str"):
+        run(messy, tmp_path / "pre")
+    assert not (tmp_path / "pre").exists()
+
+
+def test_split_without_usable_image_is_fatal_and_leaves_nothing(messy: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pre"
+    run(messy, out)
+    before = (out / "manifest.json").read_bytes()
+    shutil.rmtree(messy / "val2017")
+    with pytest.raises(
+        PreprocessError, match=r"instances_val2017\.json: no usable image in split 'val2017'.*v\.jpg"
+    ):
+        run(messy, out)
+    assert (out / "manifest.json").read_bytes() == before  # the previous output is untouched
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_conflicting_category_names_are_fatal(messy: Path, tmp_path: Path) -> None:
+    ann = messy / "annotations" / "instances_val2017.json"
+    coco = json.loads(ann.read_text())
+    coco["categories"][0]["name"] = "lion"
+    ann.write_text(json.dumps(coco))
+    with pytest.raises(PreprocessError, match="category id 3 is 'lion', but 'cat'"):
+        run(messy, tmp_path / "pre")

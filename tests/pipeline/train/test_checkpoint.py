@@ -1,0 +1,80 @@
+"""Training checkpoints: whole or absent, weights_only, newest two kept, latest restored."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.train.checkpoint import (
+    HISTORY_COLUMNS,
+    STATE_FILE,
+    CheckpointError,
+    Progress,
+    history_rows,
+    history_tensor,
+    load_checkpoint,
+    progress_dict,
+    save_checkpoint,
+)
+from pipeline.train.sessions import LocalSession
+
+
+def state(iteration: int) -> dict:
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
+    rows = [[i, 1.0 / i, 0.1, 0.2, 0.3, 0.4, 0.02, 0.5, 0, 3.0] for i in range(1, iteration + 1)]
+    return {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "scaler": None,
+        "progress": progress_dict(
+            Progress(iteration=iteration, epoch=1, batch_in_epoch=2, images_seen=4 * iteration)
+        ),
+        "run": {"run_name": "fpn-x", "mlflow_run_id": "abc", "data_hash": "d", "git_commit": "c"},
+        "history": {"columns": list(HISTORY_COLUMNS), "rows": history_tensor(rows)},
+    }
+
+
+def test_round_trip_with_weights_only(tmp_path: Path) -> None:
+    original = state(3)
+    path = save_checkpoint(tmp_path / "ck", original)
+    torch.load(path, weights_only=True)  # plain data and tensors only
+    loaded = load_checkpoint(tmp_path / "ck")
+    assert torch.equal(loaded["model"]["weight"], original["model"]["weight"])
+    assert loaded["optimizer"]["state"][0]["momentum_buffer"].shape == (2, 3)
+    assert Progress.from_dict(loaded["progress"]).iteration == 3
+    rows = history_rows(loaded)
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[0]["loss"] == 1.0
+    assert [p.name for p in (tmp_path / "ck").iterdir()] == [STATE_FILE], "no temporary file left"
+
+
+def test_missing_or_foreign_checkpoint_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="no training checkpoint here"):
+        load_checkpoint(tmp_path)
+    (tmp_path / STATE_FILE).write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match=f"{STATE_FILE}: not a loadable checkpoint"):
+        load_checkpoint(tmp_path)
+    torch.save({"format": "other"}, tmp_path / STATE_FILE)
+    with pytest.raises(CheckpointError, match="not a training checkpoint"):
+        load_checkpoint(tmp_path)
+
+
+def test_local_session_keeps_two_and_restores_the_latest(tmp_path: Path) -> None:
+    session = LocalSession(tmp_path / "run")
+    assert session.restore() is None
+    for iteration in (2, 4, 6):
+        session.report({"loss": 1.0 / iteration}, state(iteration), iteration)
+    session.report({"loss": 0.1}, None, 7)  # metrics only
+    names = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert names == ["checkpoint_00000004", "checkpoint_00000006"], "newest two kept, no temp folders"
+    assert Progress.from_dict(session.restore()["progress"]).iteration == 6
+    assert [m["loss"] for m in session.reported] == [0.5, 0.25, 1 / 6, 0.1]
+    # A torn write (folder without its state file) is not a checkpoint.
+    (tmp_path / "run" / "checkpoint_00000008").mkdir()
+    assert Progress.from_dict(session.restore()["progress"]).iteration == 6

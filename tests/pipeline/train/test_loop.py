@@ -1,0 +1,163 @@
+"""The training loop in one process (no Ray): outputs, MLflow, exact resume, run naming, failures."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from fpn import build_detector
+from pipeline.config import params_from_dict
+from pipeline.dataset import read_data_hash
+from pipeline.model_file import load_model_file
+from pipeline.train.checkpoint import history_rows
+from pipeline.train.loop import NonFiniteLossError, TrainJob, train_worker
+from pipeline.train.sessions import LocalSession
+from pipeline.train.stage import TrainOutputs, run_name, train
+from tests.train_samples import tiny_data, tiny_params
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_data(tmp_path_factory.mktemp("train-data"))
+
+
+def outputs(root: Path) -> TrainOutputs:
+    return TrainOutputs(
+        model=root / "models/model.pt", metrics=root / "metrics/train.json", plots=root / "plots/loss.csv"
+    )
+
+
+def test_local_run_writes_outputs_tracks_and_resumes_by_name(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    params = params_from_dict(tiny_params(experiment="t-engine"))
+    out = outputs(tmp_path)
+    metrics = train(params, data, out, storage_path=str(tmp_path / "runs"), use_ray=False)
+
+    assert metrics["iterations"] == 6 and metrics["attempts"] == 1 and metrics["images_seen"] == 12
+    assert metrics["images_per_s"] > 0 and metrics["loss"] > 0
+    written = json.loads(out.metrics.read_text())
+    assert {"loss", "loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box", "images_per_s", "iterations",
+            "wall_time_s", "train_time_s"} <= set(written)  # fmt: skip
+    lines = out.plots.read_text().splitlines()
+    assert lines[0] == "step,loss,loss_rpn_cls,loss_rpn_box,loss_cls,loss_box,lr"
+    assert [int(line.split(",")[0]) for line in lines[1:]] == [1, 2, 3, 4, 5, 6]
+
+    loaded = load_model_file(out.model)
+    assert loaded.config == params.model
+    assert [c["name"] for c in loaded.categories] == ["circle", "square", "triangle"]
+    name = run_name(params, read_data_hash(data))
+    assert loaded.extra == {
+        "mlflow_run_id": metrics["mlflow_run_id"],
+        "data_hash": read_data_hash(data),
+        "git_commit": loaded.extra["git_commit"],
+        "run_name": name,
+    }
+
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(metrics["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == name
+    assert run.data.params["train.lr"] == "0.08" and run.data.params["model.fpn_channels"] == "32"
+    assert run.data.tags["data_hash"] == read_data_hash(data)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4, 5, 6]
+    assert client.get_metric_history(run.info.run_id, "images_per_s")
+    assert len(client.get_metric_history(run.info.run_id, "grad_norm")) == 6
+    models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert [m.name for m in models] == ["model"] and models[0].source_run_id == run.info.run_id
+
+    # The same config again: resumes its finished run (no step trained twice, same MLflow run).
+    again = train(params, data, out, storage_path=str(tmp_path / "runs"), use_ray=False)
+    assert again["run_name"] == name and again["mlflow_run_id"] == metrics["mlflow_run_id"]
+    assert again["attempts"] == 2 and again["iterations"] == 6
+    assert len(out.plots.read_text().splitlines()) == 7
+    # A changed config starts fresh under another name.
+    changed = params_from_dict(tiny_params(experiment="t-engine", lr=0.04))
+    assert run_name(changed, read_data_hash(data)) != name
+    assert (
+        run_name(params_from_dict(tiny_params(experiment="t-engine", log_every=5)), read_data_hash(data))
+        == name
+    )
+
+
+class CrashAfter(LocalSession):
+    """A local session whose process 'dies' right after the checkpoint of ``iteration``."""
+
+    def __init__(self, directory: Path, iteration: int) -> None:
+        super().__init__(directory)
+        self.crash_at = iteration
+
+    def report(self, metrics: dict, state: dict | None, iteration: int) -> None:
+        super().report(metrics, state, iteration)
+        if iteration == self.crash_at:
+            raise KeyboardInterrupt(f"killed after iteration {iteration}")
+
+
+def job(params, data: Path) -> TrainJob:
+    return TrainJob(
+        params=params, data_root=str(data), run_name="t", data_hash="h", git_commit="c",
+        tracking_uri=None, init_weights_file=None,
+    )  # fmt: skip
+
+
+def test_interrupted_and_resumed_trains_exactly_like_uninterrupted(data: Path, tmp_path: Path) -> None:
+    # 12 images / batch 2 = 6 batches an epoch: the crash at 4 is mid-epoch, the run spans 2 epochs.
+    params = params_from_dict(tiny_params(iterations=8, checkpoint_every=4, log_every=8))
+    straight = LocalSession(tmp_path / "straight")
+    train_worker(job(params, data), straight)
+
+    with pytest.raises(KeyboardInterrupt):
+        train_worker(job(params, data), CrashAfter(tmp_path / "crashed", 4))
+    resumed = LocalSession(tmp_path / "crashed")
+    train_worker(job(params, data), resumed)
+
+    a, b = straight.restore(), resumed.restore()
+    assert b["progress"]["attempts"] == 2 and b["progress"]["iteration"] == 8 and b["progress"]["epoch"] == 1
+    assert [r["step"] for r in history_rows(b)] == list(range(1, 9))
+    assert [r["loss"] for r in history_rows(a)] == [r["loss"] for r in history_rows(b)]
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+
+
+def test_gradient_clipping_bounds_the_update(data: Path, tmp_path: Path) -> None:
+    params = params_from_dict(tiny_params(iterations=2, grad_clip_norm=1e-6, lr=1.0, warmup_iters=0))
+    session = LocalSession(tmp_path / "clip")
+    train_worker(job(params, data), session)
+    state = session.restore()
+    assert all(r["grad_norm"] > 1e-3 for r in history_rows(state)), "the norm is recorded before clipping"
+    # SGD's first step moves each weight by lr * (clipped grad + weight decay): tiny here.
+    torch.manual_seed(0)  # as build_model does with train.seed
+    initial = build_detector(params.model).state_dict()
+    moved = max(
+        (state["model"][k] - v).abs().max().item() for k, v in initial.items() if v.is_floating_point()
+    )
+    assert moved < 0.05
+
+
+def test_non_finite_loss_stops_naming_the_step(data: Path, tmp_path: Path) -> None:
+    params = params_from_dict(tiny_params(lr=1e12, warmup_iters=0, iterations=4, log_every=1))
+    with pytest.raises(
+        NonFiniteLossError, match=r"non-finite loss at iteration \d \(epoch 0\): loss=.*loss_cls="
+    ):
+        train_worker(job(params, data), LocalSession(tmp_path / "nan"))
+
+
+def test_mlflow_unreachable_loses_only_the_logging(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"  # nothing listens once closed
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
+    out = outputs(tmp_path)
+    params = params_from_dict(tiny_params(iterations=2, checkpoint_every=2))
+    with pytest.warns(RuntimeWarning, match=f"MLflow at {dead} unreachable"):
+        metrics = train(params, data, out, storage_path=str(tmp_path / "runs"), use_ray=False)
+    assert metrics["iterations"] == 2 and metrics["mlflow_run_id"] is None
+    assert load_model_file(out.model).extra["mlflow_run_id"] is None

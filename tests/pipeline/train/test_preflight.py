@@ -1,0 +1,71 @@
+"""Bad training params fail before any work, with the key in the message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.cluster import check_fits
+from pipeline.config import ConfigError, params_from_dict
+from pipeline.train.preflight import check_categories, check_train_params
+
+
+def params(**train: object):
+    return params_from_dict({"train": train, "model": {"backbone": "resnet18", "num_classes": 3}})
+
+
+@pytest.mark.parametrize(
+    ("train", "message"),
+    [
+        ({"num_workers": 0}, "train.num_workers: must be >= 1, got 0"),
+        ({"cpus_per_worker": 0.0}, "train.cpus_per_worker: must be > 0, got 0.0"),
+        ({"batch_size": 0}, "train.batch_size: must be >= 1, got 0"),
+        ({"lr": -0.02}, "train.lr: must be > 0, got -0.02"),
+        ({"momentum": 1.0}, "train.momentum: must be in [0, 1), got 1.0"),
+        ({"weight_decay": -1e-4}, "train.weight_decay: must be >= 0.0"),
+        ({"iterations": 0}, "train.iterations: must be >= 1, got 0"),
+        ({"warmup_factor": 0.0}, "train.warmup_factor: must be in (0, 1]"),
+        ({"lr_steps": [80, 60]}, "train.lr_steps: must be increasing"),
+        ({"amp": "fp8"}, "train.amp: must be one of bf16, fp16, off, got 'fp8'"),
+        ({"checkpoint_every": 0}, "train.checkpoint_every: must be >= 1, got 0"),
+        ({"log_every": 0}, "train.log_every: must be >= 1, got 0"),
+        ({"threads": -1}, "train.threads: must be >= 0, got -1"),
+        ({"grad_clip_norm": 0.0}, "train.grad_clip_norm: must be > 0, got 0.0"),
+        ({"flip_prob": 1.5}, "train.flip_prob: must be in [0, 1], got 1.5"),
+        ({"experiment": " "}, "train.experiment: must name an MLflow experiment"),
+        ({"init_weights": "no/such/file.pth"}, "train.init_weights: 'no/such/file.pth' is neither"),
+        ({"init_weights": "torchvision-coco"}, "needs model.backbone: resnet50, got 'resnet18'"),
+    ],
+)
+def test_bad_train_params_name_the_key(train: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        check_train_params(params(**train))
+    assert message in str(caught.value)
+
+
+def test_good_params_pass(tmp_path: Path) -> None:
+    weights = tmp_path / "resnet18.pth"
+    weights.write_bytes(b"x")
+    check_train_params(params())
+    check_train_params(params(init_weights=str(weights), lr_steps=[], amp="off", max_failures=-1))
+    check_train_params(params(init_weights="imagenet"))
+
+
+def test_num_classes_must_match_the_data() -> None:
+    cats = [{"label": 1, "id": 2, "name": "circle"}, {"label": 2, "id": 5, "name": "square"}]
+    with pytest.raises(ConfigError, match=r"model.num_classes: 3, but data/categories.json has 2"):
+        check_categories(params(), cats, "data/categories.json")
+
+
+def test_cluster_must_fit_the_request() -> None:
+    cpu_only = {"CPU": 2.0, "GPU": 0.0}
+    with pytest.raises(ConfigError, match="train.use_gpu: true, but the test cluster has no GPU"):
+        check_fits(params(use_gpu=True), cpu_only, "the test cluster")
+    with pytest.raises(
+        ConfigError, match=r"train.cpus_per_worker: 2 workers x 2 CPUs = 4 CPUs, but .* has 2"
+    ):
+        check_fits(params(num_workers=2, cpus_per_worker=2.0), cpu_only, "the test cluster")
+    with pytest.raises(ConfigError, match="train.num_workers: 2 workers with one GPU each"):
+        check_fits(params(num_workers=2, use_gpu=True), {"CPU": 8.0, "GPU": 1.0}, "x")
+    check_fits(params(num_workers=2, cpus_per_worker=0.5), cpu_only, "the test cluster")
