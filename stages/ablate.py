@@ -39,6 +39,7 @@ from pipeline.ablate.stage import AblationError, run_ablation
 from pipeline.config import ConfigError, load_params
 from pipeline.dataset import DatasetError
 from pipeline.evaluate.coco_eval import EvaluationError
+from stages.cli import FAILED, fail
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,11 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params)
         run = run_ablation(params, args.data, args.work, use_ray=not args.no_ray)
     except (ConfigError, DatasetError, EvaluationError, FileNotFoundError) as err:
-        print(f"stages.ablate: error: {err}", file=sys.stderr)
-        return 2
+        return fail("ablate", err)
     except AblationError as err:
-        print(f"stages.ablate: error: {err}", file=sys.stderr)
-        return 1
+        return fail("ablate", err, FAILED)
     write_report(run, table=Path(args.table), metrics=Path(args.metrics), plots=Path(args.plots))
     print(Path(args.table).read_text())
     reused = sum(r.reused for r in run.results)

@@ -31,6 +31,7 @@ from pipeline.evaluate.coco_eval import PROPOSAL_KEYS, STANDARD_KEYS, Evaluation
 from pipeline.evaluate.stage import run_evaluate
 from pipeline.inference import InferenceError
 from pipeline.model_file import ModelFileError
+from stages.cli import FAILED, fail
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,8 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             metrics = coco_metrics(args.annotations, args.results)
         except EvaluationError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+            return fail("evaluate", err)
         for key in STANDARD_KEYS:
             print(f"{key:6s} {metrics[key]!r}")
         return 0
@@ -81,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             track=not args.no_mlflow,
         )
     except (ConfigError, DatasetError, EvaluationError, InferenceError, ModelFileError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return fail("evaluate", err)
     m = outcome.metrics
     print("  ".join(f"{key} {m[key]:.4f}" for key in STANDARD_KEYS))
     print("proposals: " + "  ".join(f"{key} {m[f'proposal_{key}']:.4f}" for key in PROPOSAL_KEYS))
@@ -99,8 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             f"registered {params.evaluate.registered_model} version {outcome.registered_version}: {outcome.decision}"
         )
     if outcome.tracking_error:
-        print(f"error: {outcome.tracking_error}", file=sys.stderr)
-        return 1
+        return fail("evaluate", outcome.tracking_error, FAILED)
     return 0
 
 

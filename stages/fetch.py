@@ -33,6 +33,7 @@ from pipeline.fetch.archive import ArchiveError
 from pipeline.fetch.coco_source import FetchError
 from pipeline.fetch.download import DownloadError
 from pipeline.fetch.stage import fetch_dataset
+from stages.cli import FAILED, fail
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,9 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = load_params(args.params)
         summaries = fetch_dataset(params.data, args.out, local_dir=args.local_dir, downloads=args.downloads)
-    except (ConfigError, FetchError, DownloadError, ArchiveError, CocoFormatError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except (ConfigError, ArchiveError, CocoFormatError) as err:
+        return fail("fetch", err)
+    except (FetchError, DownloadError) as err:  # the host, not the input: a rerun may succeed
+        return fail("fetch", err, FAILED)
     for s in summaries:
         print(
             f"{args.out}: {s.split}: {s.images} images, {s.annotations} annotations, {s.categories} categories"

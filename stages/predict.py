@@ -31,6 +31,7 @@ from pipeline.io import atomic_write_text
 from pipeline.model_file import ModelFileError
 from pipeline.tracking.pyfunc import is_mlflow_uri, load_detector
 from pipeline.tracking.registry import TrackingUnavailable, use_tracking
+from stages.cli import fail
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,8 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             use_tracking()
         loaded = load_detector(args.model)
     except (ModelFileError, TrackingUnavailable, MlflowException, ValueError) as err:
-        print(f"error: {args.model}: {err}", file=sys.stderr)
-        return 2
+        return fail("predict", f"{args.model}: {err}")
 
     out.mkdir(parents=True, exist_ok=True)
     report = {"model": args.model, "score_thresh": args.score_thresh, "images": []}
@@ -58,13 +58,11 @@ def main(argv: list[str] | None = None) -> int:
             with Image.open(file) as opened:
                 image = opened.convert("RGB")
         except OSError as err:
-            print(f"error: {file}: cannot read image: {err}", file=sys.stderr)
-            return 2
+            return fail("predict", f"{file}: cannot read image: {err}")
         try:
             (det,) = predict_images(loaded, [image])
         except InferenceError as err:
-            print(f"error: {file}: {err}", file=sys.stderr)
-            return 2
+            return fail("predict", f"{file}: {err}")
         every = detection_records(det, loaded.categories)  # one record per box, in det's order
         names = [record["category_name"] for record in every]
         drawn = draw_detections(image, det.boxes, names, det.scores, score_thresh=args.score_thresh)

@@ -28,6 +28,7 @@ from pipeline.cluster import ClusterError
 from pipeline.coco_format import CocoFormatError
 from pipeline.config import ConfigError, load_params
 from pipeline.preprocess.stage import PreprocessError, preprocess_dataset
+from stages.cli import fail
 
 SHOWN_PROBLEMS = 10
 
@@ -57,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg=params.preprocess,
         )
     except (ConfigError, CocoFormatError, PreprocessError, ClusterError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return fail("preprocess", err)
     for problem in summary.problems[:SHOWN_PROBLEMS]:
         print(f"warning: {problem['message']}", file=sys.stderr)
     if len(summary.problems) > SHOWN_PROBLEMS:

@@ -30,6 +30,7 @@ from pipeline.model_file import ModelFileError
 from pipeline.profile.reference_models import ReferenceError
 from pipeline.profile.stage import run_profile_stage
 from pipeline.profile.timing import ProfilingError
+from stages.cli import FAILED, fail
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,9 +57,8 @@ def main(argv: list[str] | None = None) -> int:
             track=not args.no_mlflow,
         )
     except (ConfigError, ModelFileError, ProfilingError, ReferenceError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0 if logged else 1
+        return fail("profile", err)
+    return 0 if logged else FAILED
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, load_params
 from pipeline.train.stage import TrainOutputs, train
+from stages.cli import fail
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             status_dir=args.status_dir,
         )
     except (ConfigError, FileNotFoundError) as err:
-        print(f"stages.train: error: {err}", file=sys.stderr)
-        return 2
+        return fail("train", err)
     print(
         f"stages.train: {metrics['iterations']} iterations, loss {metrics['loss']:.4f}, "
         f"{metrics['images_per_s']:.2f} img/s, {metrics['wall_time_s']:.0f} s; run {metrics['run_name']}, "

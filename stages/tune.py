@@ -37,6 +37,7 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, read_params_file
 from pipeline.tune.stage import TuneError, TuneOutputs, tune_sweep
+from stages.cli import fail
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             storage_path=args.storage_path,
         )
     except (ConfigError, FileNotFoundError, TuneError) as err:
-        print(f"stages.tune: error: {err}", file=sys.stderr)
-        return 2
+        return fail("tune", err)
     print(
         f"stages.tune: {summary['trials']} trials ({summary['finished']} finished, {summary['stopped_early']} "
         f"stopped early, {summary['error']} failed) in {summary['wall_time_s']:.0f} s; best {summary['best_trial_id']} "

@@ -97,7 +97,7 @@ def test_failed_image_download_keeps_the_others_for_the_next_run(
     with serve(host_root) as host:
         argv = ["--params", params(tmp_path, source="coco", base_url=host.url, max_images=4, retries=0)]
         argv += ["--out", str(out), "--downloads", str(cache)]
-        assert main(argv) == 1
+        assert main(argv) == 1  # the host, not the input
         assert (
             f"1 of 4 downloads failed:\n  {host.url}/val2017/{lost.name}: HTTP 404" in capsys.readouterr().err
         )
@@ -137,7 +137,7 @@ def test_hostile_zip_is_refused_and_leaves_nothing(tmp_path: Path, capsys) -> No
         zf.writestr("../../escaped.txt", "owned")
     out = tmp_path / "data" / "coco"
     with serve(root) as host:
-        assert main(["--params", params(tmp_path, source="coco", base_url=host.url), "--out", str(out)]) == 1
+        assert main(["--params", params(tmp_path, source="coco", base_url=host.url), "--out", str(out)]) == 2
     assert "refusing to extract entry '../../escaped.txt'" in capsys.readouterr().err
     assert not out.exists() and leftovers(out.parent) == []
     assert not list(tmp_path.rglob("escaped.txt"))
@@ -165,11 +165,11 @@ def test_local_source_copies_and_subsets(shared_data: Path, tmp_path: Path, caps
     for split in SPLITS:
         assert len(json.loads((out / "annotations" / f"instances_{split}.json").read_text())["images"]) == 3
         assert len(list((out / split).iterdir())) == 3
-    assert main(argv) == 1
+    assert main(argv) == 2
     assert (
         "data.source is 'local': name the COCO-layout folder with --local-dir DIR" in capsys.readouterr().err
     )
-    assert main([*argv, "--local-dir", str(tmp_path / "nowhere")]) == 1
+    assert main([*argv, "--local-dir", str(tmp_path / "nowhere")]) == 2
     assert "nowhere: --local-dir is not a directory" in capsys.readouterr().err
 
 
@@ -178,7 +178,7 @@ def test_synthetic_source_and_local_dir_mismatch(tmp_path: Path, capsys) -> None
     argv = ["--params", params(tmp_path, synthetic_train_images=3, synthetic_val_images=2), "--out", str(out)]
     assert main(argv) == 0
     assert len(json.loads((out / "annotations" / "instances_val2017.json").read_text())["images"]) == 2
-    assert main([*argv, "--local-dir", str(tmp_path)]) == 1
+    assert main([*argv, "--local-dir", str(tmp_path)]) == 2
     assert "--local-dir is given but data.source is 'synthetic'" in capsys.readouterr().err
     assert (
         out / "annotations" / "instances_train2017.json"

