@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/synthetic_learnability.py          # builds the synthetic default in a temp dir
 
 A check of the data, independent of this project's detector: torchvision's FasterRCNN sized
-for a CPU the way ../shared/STACK.md's best CPU row is (ResNet-18 body with GroupNorm, FPN
+for a CPU the way the best CPU row of our measured learning table is (ResNet-18 body with GroupNorm, FPN
 d=64, anchors 16-256, 256-d box head, 64 RoIs per image, RPN 1000/300 in training),
 trained from scratch with SGD on `pipeline.dataset` (grouped batches, flips), then scored
 with pycocotools on the validation split. Prints the machine, the loss every

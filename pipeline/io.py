@@ -8,6 +8,13 @@ new one, never half of one, even when the writer is killed mid-write. Every writ
 * flushes file contents to disk (``fsync``) before the rename, so a power loss after the
   rename cannot leave an empty file under the final name;
 * removes its temporary on any exception (Ctrl-C included) and re-raises.
+
+An output folder replaces only what the same stage wrote before: `atomic_directory(target,
+stage=...)` leaves a marker file (``.fpn-output``, holding the stage's name) in what it
+writes, and refuses a non-empty ``target`` without that marker unless ``force`` is given, so a
+mistyped ``--out`` never deletes a user's folder. Inputs inside the output, or the output
+inside an input, are refused always. Temporaries left by a killed writer (their names carry
+the writer's PID) are removed by the next writer of the same output.
 """
 
 from __future__ import annotations
@@ -15,9 +22,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -61,25 +69,87 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     _atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
+OUTPUT_MARKER = ".fpn-output"
+
+
+class OutputError(ValueError):
+    """An output path that would replace or contain something it must not; the message names it."""
+
+
+def check_output_folder(
+    target: str | Path, stage: str, *, force: bool = False, inputs: Iterable[str | Path] = ()
+) -> None:
+    """Raise `OutputError` unless stage ``stage`` may replace the folder ``target``.
+
+    Allowed: a missing or empty ``target``, or one holding this stage's marker; any folder
+    with ``force``. Refused always: ``target`` equal to, inside, or holding one of ``inputs``.
+    """
+    out = Path(target).resolve()
+    for given in inputs:
+        inp = Path(given).resolve()
+        if inp == out or out in inp.parents:
+            raise OutputError(f"{target}: the output folder holds the input {given}; name another output")
+        if inp in out.parents:
+            raise OutputError(f"{target}: the output folder is inside the input {given}; name another output")
+    if not out.exists() or force:
+        return
+    if not out.is_dir():
+        raise OutputError(f"{target}: exists and is not a folder; name another output or pass --force")
+    marker = out / OUTPUT_MARKER
+    if not any(out.iterdir()) or (marker.is_file() and marker.read_text().strip() == stage):
+        return
+    raise OutputError(
+        f"{target}: not replacing a folder that stage {stage} did not write (no {OUTPUT_MARKER} marker "
+        f"naming it); name another output, empty the folder, or pass --force to replace it"
+    )
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Delete ``.<name>.tmp-<pid>-*`` / ``.<name>.old-<pid>-*`` siblings whose writer has died."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(?:tmp|old)-(\d+)-")
+    for sibling in target.parent.glob(f".{target.name}.*-*"):
+        match = pattern.match(sibling.name)
+        if match and not _alive(int(match.group(1))):
+            shutil.rmtree(sibling, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
 @contextlib.contextmanager
-def atomic_directory(target: str | Path) -> Iterator[Path]:
+def atomic_directory(
+    target: str | Path, *, stage: str | None = None, force: bool = False, inputs: Iterable[str | Path] = ()
+) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``target``; on success it replaces ``target``.
 
-    An existing ``target`` is replaced only after the new one is complete (it is first
-    renamed aside, then deleted). On any exception the temporary folder is deleted and
-    ``target`` is left as it was.
+    With ``stage``, `check_output_folder` runs first (``force``, ``inputs``) and the finished
+    folder gets the stage's marker. An existing ``target`` is replaced only after the new one
+    is complete (it is first renamed aside, then deleted). On any exception the temporary
+    folder is deleted and ``target`` is left as it was.
     """
     target = Path(target)
+    if stage is not None:
+        check_output_folder(target, stage, force=force, inputs=inputs)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    _remove_stale_temporaries(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
         yield tmp
+        if stage is not None:
+            (tmp / OUTPUT_MARKER).write_text(stage + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old: Path | None = None
     if target.exists() or target.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{os.getpid()}-", dir=target.parent))
         os.replace(target, old / target.name)
     os.replace(tmp, target)
     if old is not None:

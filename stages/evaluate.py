@@ -30,6 +30,7 @@ from pipeline.dataset import DatasetError
 from pipeline.evaluate.coco_eval import PROPOSAL_KEYS, STANDARD_KEYS, EvaluationError, coco_metrics
 from pipeline.evaluate.stage import run_evaluate
 from pipeline.inference import InferenceError
+from pipeline.io import OutputError
 from pipeline.model_file import ModelFileError
 from stages.cli import FAILED, fail
 
@@ -42,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--metrics", help="metrics JSON to write")
     parser.add_argument("--plots", help="precision-recall CSV to write")
     parser.add_argument("--images", help="folder for the validation pictures")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace --images even if this stage did not write it (its files are lost)",
+    )
     parser.add_argument(
         "--no-mlflow", action="store_true", help="write the files only; no MLflow, no registry"
     )
@@ -79,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
             plots_path=args.plots,
             images_dir=args.images,
             track=not args.no_mlflow,
+            force=args.force,
         )
-    except (ConfigError, DatasetError, EvaluationError, InferenceError, ModelFileError) as err:
+    except (ConfigError, DatasetError, EvaluationError, InferenceError, ModelFileError, OutputError) as err:
         return fail("evaluate", err)
     m = outcome.metrics
     print("  ".join(f"{key} {m[key]:.4f}" for key in STANDARD_KEYS))

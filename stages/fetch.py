@@ -33,6 +33,7 @@ from pipeline.fetch.archive import ArchiveError
 from pipeline.fetch.coco_source import FetchError
 from pipeline.fetch.download import DownloadError
 from pipeline.fetch.stage import fetch_dataset
+from pipeline.io import OutputError
 from stages.cli import FAILED, fail
 
 
@@ -40,6 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m stages.fetch", description=__doc__.split("\n")[0])
     parser.add_argument("--params", default="params.yaml", help="params file (section data:)")
     parser.add_argument("--out", required=True, help="COCO-layout folder to write, e.g. data/coco")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace --out even if this stage did not write it (its files are lost)",
+    )
     parser.add_argument("--local-dir", help="data.source: local: the COCO-layout folder to copy")
     parser.add_argument(
         "--downloads",
@@ -52,8 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         params = load_params(args.params)
-        summaries = fetch_dataset(params.data, args.out, local_dir=args.local_dir, downloads=args.downloads)
-    except (ConfigError, ArchiveError, CocoFormatError) as err:
+        summaries = fetch_dataset(
+            params.data, args.out, local_dir=args.local_dir, downloads=args.downloads, force=args.force
+        )
+    except (ConfigError, ArchiveError, CocoFormatError, OutputError) as err:
         return fail("fetch", err)
     except (FetchError, DownloadError) as err:  # the host, not the input: a rerun may succeed
         return fail("fetch", err, FAILED)

@@ -27,6 +27,7 @@ import sys
 from pipeline.cluster import ClusterError
 from pipeline.coco_format import CocoFormatError
 from pipeline.config import ConfigError, load_params
+from pipeline.io import OutputError
 from pipeline.preprocess.stage import PreprocessError, preprocess_dataset
 from stages.cli import fail
 
@@ -42,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
         "--coco", required=True, help="COCO-layout folder written by stage fetch, e.g. data/coco"
     )
     parser.add_argument("--out", required=True, help="folder to write, e.g. data/preprocessed")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace --out even if this stage did not write it (its files are lost)",
+    )
     return parser
 
 
@@ -56,8 +62,9 @@ def main(argv: list[str] | None = None) -> int:
             min_size=params.model.min_size,
             max_size=params.model.max_size,
             cfg=params.preprocess,
+            force=args.force,
         )
-    except (ConfigError, CocoFormatError, PreprocessError, ClusterError) as err:
+    except (ConfigError, CocoFormatError, PreprocessError, ClusterError, OutputError) as err:
         return fail("preprocess", err)
     for problem in summary.problems[:SHOWN_PROBLEMS]:
         print(f"warning: {problem['message']}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Test inputs for the evaluation tests: preprocessed splits in the CONTRACTS layout, tiny model files.
+"""Test inputs for the evaluation tests: preprocessed splits in the layout `pipeline.dataset` reads, tiny model files.
 
 Synthetic data goes through the real preprocess machinery. `preprocess_split` is a minimal
 stand-in (resize, index.json with scales, categories.json, manifest.json) used for a few

@@ -92,6 +92,10 @@ def test_stage_deps_list_only_code_it_imports(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(STAGES))
 def test_stage_paths_are_on_its_command_line(name: str) -> None:
     stage = STAGES[name]
-    outs = [next(iter(o)) if isinstance(o, dict) else o for key in ("outs", "metrics", "plots") for o in stage.get(key, [])]
+    outs = [
+        next(iter(o)) if isinstance(o, dict) else o
+        for key in ("outs", "metrics", "plots")
+        for o in stage.get(key, [])
+    ]
     for out in outs:
         assert out in stage["cmd"], f"dvc.yaml stage {name}: output {out} is not on its command line"

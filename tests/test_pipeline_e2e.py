@@ -20,9 +20,27 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 TINY = {
-    "data": {"synthetic_train_images": 16, "synthetic_val_images": 6, "synthetic_width": 160, "synthetic_height": 128},
-    "model": {"fpn_channels": 32, "representation_size": 64, "min_size": 128, "max_size": 160, "roi_batch_per_image": 32},
-    "train": {"iterations": 6, "warmup_iters": 2, "lr_steps": [4], "checkpoint_every": 3, "log_every": 2, "batch_size": 2},
+    "data": {
+        "synthetic_train_images": 16,
+        "synthetic_val_images": 6,
+        "synthetic_width": 160,
+        "synthetic_height": 128,
+    },
+    "model": {
+        "fpn_channels": 32,
+        "representation_size": 64,
+        "min_size": 128,
+        "max_size": 160,
+        "roi_batch_per_image": 32,
+    },
+    "train": {
+        "iterations": 6,
+        "warmup_iters": 2,
+        "lr_steps": [4],
+        "checkpoint_every": 3,
+        "log_every": 2,
+        "batch_size": 2,
+    },
     "evaluate": {"batch_size": 2, "num_pictures": 2},
     "profile": {"warmup": 1, "iterations": 1, "compare_torchvision": False, "train_step": False},
 }
@@ -37,9 +55,16 @@ def _merge(base: dict, extra: dict) -> dict:
 
 def _copy_repo(dest: Path) -> None:
     """Tracked and untracked-but-not-ignored files: what a commit of this work tree would hold."""
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO_ROOT, check=True, capture_output=True
-    ).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+            cwd=REPO_ROOT,
+            check=True,
+            capture_output=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, files):
         src = REPO_ROOT / name
         if src.is_file():
@@ -49,7 +74,9 @@ def _copy_repo(dest: Path) -> None:
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 900) -> str:
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (
+        f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    )
     return proc.stdout + proc.stderr
 
 
@@ -126,7 +153,9 @@ def test_dvc_repro_runs_every_stage_then_is_a_no_op(tmp_path: Path) -> None:
     ]
     tracked = set(_tracked(repo))
     undeclared = [
-        str(p) for p in written if str(p) not in tracked and not any(p == d or d in p.parents for d in declared)
+        str(p)
+        for p in written
+        if str(p) not in tracked and not any(p == d or d in p.parents for d in declared)
     ]
     assert not undeclared, f"written but not declared in dvc.yaml: {undeclared}"
 

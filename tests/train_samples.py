@@ -1,7 +1,7 @@
 """Inputs for the training tests: tiny synthetic data run through the real preprocess, tiny params.
 
 `tiny_data` draws `pipeline.fetch.synthetic` images and preprocesses them with
-`pipeline.preprocess.stage.preprocess_dataset` into the CONTRACTS layout; `tiny_params` is a
+`pipeline.preprocess.stage.preprocess_dataset` into the layout `pipeline.dataset` reads; `tiny_params` is a
 ResNet-18-FPN with d=32 on ~100x120 images that takes well under a second a step on 2 cores.
 """
 

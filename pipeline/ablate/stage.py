@@ -229,6 +229,7 @@ def run_variant(
         plots_path=folder / "pr_curve.csv",
         images_dir=folder / "eval_images",
         track=False,
+        force=True,  # the work folder is ablate's own
     )
     ev = outcome.metrics
     metrics: dict[str, float] = {key: float(ev[f"proposal_{key}"]) for key in RPN_KEYS}

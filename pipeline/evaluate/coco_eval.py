@@ -11,7 +11,7 @@ Conventions (COCO's):
   recall over IoU .50:.95 at 100 and 1000 proposals per image, overall and per object size:
   AR100, AR1k, ARs1k, ARm1k, ARl1k.
 
-pycocotools traps handled here (see ../shared/STACK.md): ``loadRes([])`` raises (no detections is
+pycocotools traps handled here: ``loadRes([])`` raises (no detections is
 evaluated against an empty result set instead: AP 0), ground truth without ``iscrowd``/``area``
 raises (filled in: ``iscrowd = 0``, ``area = w * h`` of the box), results on image ids the ground
 truth lacks fail an ``assert`` (checked first: `EvaluationError` naming the ids).

@@ -28,10 +28,7 @@ import dataclasses
 import hashlib
 import io
 import json
-import os
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +56,7 @@ from pipeline.inference import (
     proposal_results,
     read_index,
 )
-from pipeline.io import atomic_write_text
+from pipeline.io import atomic_directory, atomic_write_text, check_output_folder
 from pipeline.model_file import LoadedModel, load_model_file
 from pipeline.provenance import git_commit
 
@@ -146,9 +143,7 @@ def write_pictures(
 ) -> list[Path]:
     """Draw detections on the (resized) validation images; the folder is replaced as a whole."""
     by_label = label_to_category(categories)
-    images_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{images_dir.name}.", dir=images_dir.parent))
-    try:
+    with atomic_directory(images_dir, stage="evaluate", force=True) as staging:  # checked by run_evaluate
         for entry in entries:
             det = detections[entry["image_id"]]
             scale = np.array([entry["scale_x"], entry["scale_y"]] * 2, dtype=np.float32)
@@ -160,12 +155,6 @@ def write_pictures(
                     image, det.boxes * scale, names, det.scores, score_thresh=score_thresh
                 )
             drawn.save(staging / f"{entry['image_id']}.jpg", quality=90)
-        if images_dir.exists():
-            shutil.rmtree(images_dir)
-        os.replace(staging, images_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return sorted(images_dir.glob("*.jpg"))
 
 
@@ -287,11 +276,13 @@ def run_evaluate(
     plots_path: str | Path,
     images_dir: str | Path,
     track: bool = True,
+    force: bool = False,
 ) -> EvaluationOutcome:
     """Evaluate ``model_path`` on ``<data_root>/<data.val_split>``, write the outputs, then (``track``)
     log to MLflow and register. MLflow failures do not raise: see ``tracking_error``."""
     model_path, data_root = Path(model_path), Path(data_root)
     metrics_path, plots_path, images_dir = Path(metrics_path), Path(plots_path), Path(images_dir)
+    check_output_folder(images_dir, "evaluate", force=force, inputs=[data_root, model_path])  # before any work
     cfg = params.evaluate
     split = params.data.val_split
     loaded = load_model_file(model_path)

@@ -46,11 +46,13 @@ def fetch_dataset(
     *,
     local_dir: str | Path | None = None,
     downloads: str | Path | None = None,
+    force: bool = False,
     progress: bool = True,
 ) -> list[SplitSummary]:
     """Fill ``out`` with ``annotations/instances_<split>.json`` and ``<split>/`` for both splits.
 
-    ``local_dir`` is required for, and only allowed with, ``data.source: local``. Raises
+    ``local_dir`` is required for, and only allowed with, ``data.source: local``. An existing
+    ``out`` is replaced only if fetch wrote it (or ``force``; `pipeline.io.check_output_folder`). Raises
     `ConfigError` for a source/argument mismatch, and the source's own error (`FetchError`,
     `DownloadError`, `ArchiveError`, `CocoFormatError`) naming the URL or file otherwise.
     """
@@ -61,7 +63,8 @@ def fetch_dataset(
         raise ConfigError(f"--local-dir is given but data.source is {cfg.source!r}: set data.source: local")
     own_downloads = downloads is None
     downloads = out.with_name(out.name + ".downloads") if downloads is None else Path(downloads)
-    with atomic_directory(out) as tmp:
+    inputs = [local_dir] if local_dir is not None else []
+    with atomic_directory(out, stage="fetch", force=force, inputs=inputs) as tmp:
         if cfg.source == "synthetic":
             generate_synthetic(cfg, tmp, progress=progress)
         elif cfg.source == "coco":

@@ -1,4 +1,4 @@
-"""Stage preprocess's machinery: a COCO-layout folder into the training format of CONTRACTS.md.
+"""Stage preprocess's machinery: a COCO-layout folder into the training format of `pipeline.dataset`.
 
 Output (built in a temporary sibling of ``out``, renamed when complete)::
 
@@ -40,7 +40,7 @@ from tqdm import tqdm
 from pipeline.cluster import available_cores
 from pipeline.coco_format import annotation_path, image_dir, read_coco, write_json
 from pipeline.config import PreprocessConfig
-from pipeline.io import atomic_directory
+from pipeline.io import atomic_directory, check_output_folder
 from pipeline.preprocess.parallel import ordered_map, use_ray_requested
 from pipeline.preprocess.prepare_image import ImageTask, ObjectBox, ResizeSpec, prepare_chunk, problem
 
@@ -74,6 +74,7 @@ def preprocess_dataset(
     min_size: int,
     max_size: int,
     cfg: PreprocessConfig,
+    force: bool = False,
     progress: bool = True,
 ) -> PreprocessSummary:
     """Write the preprocessed format for ``splits`` of ``coco_root`` into ``out`` (see the module docstring).
@@ -82,6 +83,7 @@ def preprocess_dataset(
     ``min_size``/``max_size`` are the model's.
     """
     coco_root = Path(coco_root)
+    check_output_folder(out, "preprocess", force=force, inputs=[coco_root])  # before any work
     cocos = {split: read_coco(annotation_path(coco_root, split)) for split in splits}
     categories = contiguous_categories({annotation_path(coco_root, s): c for s, c in cocos.items()})
     spec = ResizeSpec(min_size, max_size, cfg.jpeg_quality)
@@ -90,7 +92,7 @@ def preprocess_dataset(
     counts: dict[str, dict[str, int]] = {}
     problems: list[dict[str, str]] = []
     digest = hashlib.sha256()
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, stage="preprocess", force=force, inputs=[coco_root]) as tmp:
         for split in splits:
             index, counts[split], split_problems = _prepare_split(
                 coco_root, split, cocos[split], categories, spec, tmp, workers, use_ray, progress

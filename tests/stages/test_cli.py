@@ -62,3 +62,27 @@ def test_a_mistyped_key_exits_2_with_one_line(
     assert f"stages.{stage}: error: {params}: train.lrr: unknown key" in err
     assert "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"], "nothing may be written"
+
+
+def test_out_never_deletes_a_users_folder_or_the_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from stages import fetch, preprocess
+
+    params = tmp_path / "params.yaml"
+    params.write_text("data:\n  synthetic_train_images: 2\n  synthetic_val_images: 2\n")
+    mine = tmp_path / "some" / "folder" / "of" / "mine"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    assert fetch.main(["--params", str(params), "--out", str(mine)]) == 2
+    assert "pass --force" in capsys.readouterr().err and (mine / "notes.txt").read_text() == "mine"
+
+    coco = tmp_path / "coco"
+    assert fetch.main(["--params", str(params), "--out", str(coco)]) == 0
+    assert fetch.main(["--params", str(params), "--out", str(coco)]) == 0  # its own output: replaced
+    before = sorted(p.relative_to(coco) for p in coco.rglob("*"))
+    assert preprocess.main(["--params", str(params), "--coco", str(coco), "--out", str(coco)]) == 2
+    assert "holds the input" in capsys.readouterr().err
+    assert sorted(p.relative_to(coco) for p in coco.rglob("*")) == before
+    local = ["--params", str(params), "--local-dir", str(coco), "--out", str(tmp_path)]
+    params.write_text("data:\n  source: local\n")
+    assert fetch.main([*local, "--force"]) == 2  # the source inside the output: refused even forced
+    assert sorted(p.relative_to(coco) for p in coco.rglob("*")) == before

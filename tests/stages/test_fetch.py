@@ -51,7 +51,7 @@ def test_whole_zips(coco_host_root: Path, shared_data: Path, tmp_path: Path) -> 
     assert (out / "val2017" / "000000005001.jpg").read_bytes() == (
         mini / "val2017" / "000000005001.jpg"
     ).read_bytes()
-    assert sorted(p.name for p in out.iterdir()) == ["annotations", "train2017", "val2017"]
+    assert sorted(p.name for p in out.iterdir()) == [".fpn-output", "annotations", "train2017", "val2017"]
     assert sorted(p.name for p in out.parent.iterdir()) == ["coco"]  # no temporary, no downloads left
 
 

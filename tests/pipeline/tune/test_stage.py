@@ -128,7 +128,9 @@ def test_concurrency_must_fit_the_cluster() -> None:
     with pytest.raises(
         ConfigError, match=r"tune\.max_concurrent_trials: 2 runs x 2 workers x 1 CPUs = 4 CPUs"
     ):
-        check_fits(params, {"CPU": 2.0}, "the local Ray cluster", runs=2, runs_key="tune.max_concurrent_trials")
+        check_fits(
+            params, {"CPU": 2.0}, "the local Ray cluster", runs=2, runs_key="tune.max_concurrent_trials"
+        )
     check_fits(params, {"CPU": 4.0}, "the local Ray cluster", runs=2, runs_key="tune.max_concurrent_trials")
 
 
