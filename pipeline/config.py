@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from fpn.config import ModelConfig
+from fpn.config import PYRAMIDS, ModelConfig
 
 
 class ConfigError(ValueError):
@@ -255,8 +255,6 @@ class AblateConfig:
     experiment: str = "fpn-ablation"  # MLflow experiment of the variants' runs (instead of train.experiment)
 
     def __post_init__(self) -> None:
-        from fpn.config import PYRAMIDS
-
         if not self.variants:
             raise ValueError("variants: give at least one pyramid")
         for name in self.variants:

@@ -45,10 +45,13 @@ from fpn.config import ROI_LEVELS, RPN_LEVELS
 from pipeline import cluster
 from pipeline.cluster import check_fits
 from pipeline.config import ConfigError, Params, TrainConfig
+from pipeline.dataset import read_data_hash
 from pipeline.evaluate.coco_eval import PROPOSAL_KEYS
 from pipeline.evaluate.stage import run_evaluate
 from pipeline.io import atomic_write_text
 from pipeline.tracking.run import TrackedRun, tracking_uri
+from pipeline.tracking.server import serve_sqlite
+from pipeline.train.init_weights import resolve_init_weights
 from pipeline.train.stage import TrainOutputs, resolve_storage, run_name, train
 
 log = logging.getLogger(__name__)
@@ -279,10 +282,6 @@ def run_ablation(
     params: Params, data_root: str | Path, work: str | Path, *, use_ray: bool = True
 ) -> AblationRun:
     """Train and evaluate every variant (kept results reused); raise `AblationError` if any failed."""
-    from pipeline.dataset import read_data_hash
-    from pipeline.tracking.server import serve_sqlite
-    from pipeline.train.init_weights import resolve_init_weights
-
     started = time.perf_counter()
     data_root, work = Path(data_root).resolve(), Path(work).resolve()
     data_hash = read_data_hash(data_root)

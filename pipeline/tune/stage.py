@@ -43,13 +43,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
+import torch
+from ray import tune
 from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from fpn import build_detector
 from pipeline import cluster
 from pipeline.cluster import check_fits
 from pipeline.config import ConfigError, Params, TuneConfig, params_from_dict
+from pipeline.dataset import read_categories, read_data_hash
 from pipeline.io import atomic_write_text
+from pipeline.provenance import git_commit, project_root
+from pipeline.tracking.run import TrackedRun, flatten, tracking_uri
+from pipeline.tracking.server import serve_sqlite
+from pipeline.train.checkpoint import history_rows, load_checkpoint
+from pipeline.train.init_weights import resolve_init_weights
+from pipeline.train.loop import TrainJob
+from pipeline.train.preflight import check_categories, check_train_params
+from pipeline.train.ray_train import build_trainer
+from pipeline.tune.holdout import HoldoutSet
 from pipeline.tune.results import (
     TuneError,
     best_params_text,
@@ -143,13 +157,6 @@ class HoldoutReportCallback(TuneReportCallback):
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         if checkpoint is None:
             return
-        import torch
-
-        from fpn import build_detector
-        from pipeline.tracking.run import TrackedRun
-        from pipeline.train.checkpoint import history_rows, load_checkpoint
-        from pipeline.tune.holdout import HoldoutSet
-
         if self._eval_threads > 0:
             torch.set_num_threads(self._eval_threads)
         torch.set_flush_denormal(True)
@@ -181,11 +188,6 @@ class HoldoutReportCallback(TuneReportCallback):
 
 def run_trial(config: dict[str, Any], sweep: Sweep) -> None:
     """The Tune trial function: fit one ``TorchTrainer`` (named after the trial) on the sampled params."""
-    from ray import tune
-
-    from pipeline.train.loop import TrainJob
-    from pipeline.train.ray_train import build_trainer
-
     context = tune.get_context()
     sample = sweep.space.decode(config)
     params = sweep.trial_params(sample)
@@ -242,10 +244,12 @@ def sweep_name(params: Params, data_hash: str) -> str:
 def _search_algorithm(cfg: TuneConfig) -> Any:
     """Optuna's TPE (random for its first trials, then model-based), or Tune's random search."""
     if cfg.search == "random":
-        from ray.tune.search.basic_variant import BasicVariantGenerator
+        from ray.tune.search.basic_variant import (
+            BasicVariantGenerator,  # Tune's search modules: only the one used
+        )
 
         return BasicVariantGenerator(random_state=cfg.seed)
-    import optuna
+    import optuna  # lazy: optuna is needed only for search: optuna
     from ray.tune.search.optuna import OptunaSearch
 
     startup = max(1, min(10, cfg.num_samples // 3))
@@ -315,15 +319,6 @@ def tune_sweep(
     storage_path: str | None = None,
 ) -> dict[str, Any]:
     """Run the sweep, write ``outputs``; returns a summary (best trial, counts, times, MLflow parent run)."""
-    import ray
-
-    from pipeline.dataset import read_categories, read_data_hash
-    from pipeline.provenance import git_commit, project_root
-    from pipeline.tracking.run import TrackedRun, flatten, tracking_uri
-    from pipeline.tracking.server import serve_sqlite
-    from pipeline.train.init_weights import resolve_init_weights
-    from pipeline.train.preflight import check_categories, check_train_params
-
     started = time.perf_counter()
     params = params_from_dict(raw_params, where="params")
     cfg = params.tune
