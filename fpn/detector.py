@@ -43,15 +43,17 @@ class Detector(nn.Module):
     ) -> None:
         super().__init__()
         self.channels_last = channels_last
-        if channels_last:
-            # Conv weights in NHWC too, else each convolution converts its weight (and the
-            # weight's gradient) on every call.
-            self.to(memory_format=torch.channels_last)
         self.transform = transform
         self.backbone = backbone
         self.neck = neck
         self.rpn = rpn
         self.roi_heads = roi_heads
+        if channels_last:
+            # Conv weights in NHWC too, else each convolution converts its weight (and the
+            # weight's gradient) on every call. After the submodules are assigned: `.to()` on a
+            # module without them converts nothing. `load_state_dict` copies into these tensors,
+            # so loaded weights keep the layout.
+            self.to(memory_format=torch.channels_last)
 
     def forward(
         self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None

@@ -129,6 +129,28 @@ def test_ablations_train_and_eval(pyramid: str, shared: bool) -> None:
     assert len(outputs) == 2 and all(o["proposals"].shape[0] > 0 for o in outputs)
 
 
+@pytest.mark.parametrize("norm", ["gn", "frozen_bn"])
+def test_channels_last_puts_every_conv_weight_in_nhwc_and_loading_keeps_it(norm: str) -> None:
+    model = fpn.build_detector(small_config(norm=norm))
+    convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) > 20
+    nhwc = [w for w in convs if w.is_contiguous(memory_format=torch.channels_last)]
+    assert len(nhwc) == len(convs), f"{len(convs) - len(nhwc)} of {len(convs)} conv weights are not NHWC"
+    assert any(not w.is_contiguous() for w in convs), "a real layout change, not only 1x1 ambiguity"
+    plain = fpn.build_detector(small_config(norm=norm, channels_last=False))
+    assert not any(
+        m.weight.is_contiguous(memory_format=torch.channels_last) and not m.weight.is_contiguous()
+        for m in plain.modules()
+        if isinstance(m, torch.nn.Conv2d)
+    )
+    model.load_state_dict(plain.state_dict())
+    assert all(
+        m.weight.is_contiguous(memory_format=torch.channels_last)
+        for m in model.modules()
+        if isinstance(m, torch.nn.Conv2d)
+    )
+
+
 def test_channels_last_changes_only_rounding() -> None:
     torch.manual_seed(0)
     model = fpn.build_detector(small_config(channels_last=False)).eval()
