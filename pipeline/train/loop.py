@@ -13,6 +13,17 @@ or a local folder (``LocalSession``, one process, no Ray). Conventions:
 * The global batch is ``train.batch_size * world_size`` images; the lr scales with it.
 * Losses logged and checked are the mean over ranks (one small all-reduce per step), so every
   rank sees the same value and a non-finite loss stops all ranks at the same step.
+
+The parts, in the order a run meets them:
+
+* `build_state` -- model, optimizer, scheduler, scaler, progress and history (`TrainState`),
+  fresh or from the restored checkpoint, random streams seeded;
+* `RankZero` -- rank 0's side effects (MLflow run, lines and bar for a person, checkpoint
+  states); a no-op on the other ranks, so the loop itself never tests for rank 0;
+* `train_epoch` -- the rest of one epoch, a `train_step` per batch, then `report_step`:
+  a `LogWindow` line, status and metrics every ``train.log_every`` steps, a `checkpoint_state`
+  every ``train.checkpoint_every`` steps and at the last;
+* `train_loop` -- epochs until ``train.iterations`` (`end_epoch` between them).
 """
 
 from __future__ import annotations
@@ -23,7 +34,6 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,9 +41,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline.config import Params
+from fpn import build_detector, load_torchvision_weights
+from pipeline.config import Params, TrainConfig
+from pipeline.dataset import DetectionDataset, GroupedBatchSampler, collate
 from pipeline.io import atomic_write_json
 from pipeline.tracking.run import TrackedRun, flatten
 from pipeline.train.checkpoint import HISTORY_COLUMNS, Progress, history_tensor, progress_dict
@@ -69,6 +82,54 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the message names the step and the loss terms."""
 
 
+@dataclass
+class TrainState:
+    """What one rank trains with and carries from step to step (most of it checkpointed).
+
+    ``model`` is the bare detector (what a checkpoint holds); ``net`` is what runs forward:
+    ``model`` itself, or ``DistributedDataParallel(model)`` when ``world_size > 1``.
+    ``history`` has one row per step, columns `HISTORY_COLUMNS`.
+    """
+
+    model: torch.nn.Module
+    net: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    trainable: list[torch.nn.Parameter]  # what the gradient norm is taken (and clipped) over
+    device: torch.device
+    progress: Progress
+    history: list[list[float]]
+    start_iteration: int  # ``progress.iteration`` when this attempt started
+    mlflow_run_id: str | None  # rank 0's MLflow run; the restored one until rank 0 opens it
+    last_checkpoint: int = -1  # iteration of the last checkpoint this attempt reported (not saved)
+
+    def record(self, step: StepResult, step_time: float, global_batch: int) -> None:
+        """Count ``step`` (it took ``step_time`` seconds, ``global_batch`` images over all ranks)."""
+        progress = self.progress
+        progress.iteration = step.iteration
+        progress.batch_in_epoch += 1
+        progress.images_seen += global_batch
+        progress.train_seconds += step_time
+        values = (step.loss, *step.terms.values(), step.lr, step_time, progress.epoch, step.grad_norm)
+        self.history.append([step.iteration, *values])  # the columns of HISTORY_COLUMNS
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One optimizer step: losses are means over ranks (equal on every rank), floats on the host."""
+
+    iteration: int  # the step's number, counted from 1
+    loss: float  # sum of ``terms``
+    terms: dict[str, float]  # `LOSS_NAMES` -> value, in that order
+    lr: float  # the lr the step used
+    grad_norm: float  # global L2 norm of the gradients, before clipping
+
+    def mlflow_row(self) -> tuple[int, dict[str, float]]:
+        """``(step, metrics)`` as MLflow gets them (`LogWindow` adds ``images_per_s`` to a window's last)."""
+        return self.iteration, {"loss": self.loss, **self.terms, "lr": self.lr, "grad_norm": self.grad_norm}
+
+
 def configure_cpu(params: Params) -> None:
     """Threads and denormal flushing for CPU training (see STACK.md: ~3x slower without flushing)."""
     if params.train.threads > 0:
@@ -85,8 +146,6 @@ def weights_checksum(model: torch.nn.Module) -> float:
 
 def build_model(job: TrainJob, restored: dict[str, Any] | None) -> torch.nn.Module:
     """The detector, from the checkpoint when resuming, else from ``init_weights_file`` or random."""
-    from fpn import build_detector, load_torchvision_weights
-
     torch.manual_seed(job.params.train.seed)
     model = build_detector(job.params.model)
     if restored is not None:
@@ -125,6 +184,66 @@ def seed_random_streams(job: TrainJob, session: Session, restored: dict[str, Any
         torch.manual_seed(seed + 1000 * session.rank)
 
 
+def build_state(job: TrainJob, session: Session, restored: dict[str, Any] | None) -> TrainState:
+    """This rank's `TrainState`: fresh, or continued from ``restored`` (a checkpoint's state).
+
+    Order matters for exact resume: the model is built from ``train.seed`` before
+    `seed_random_streams` gives each rank its own stream.
+    """
+    t, device = job.params.train, session.device
+    progress = Progress.from_dict(restored["progress"]) if restored else Progress()
+    if restored is not None:
+        progress.attempts += 1
+    model = build_model(job, restored).to(device)
+    model.train()
+    optimizer = build_optimizer(model, t, session.world_size)
+    scheduler = build_scheduler(optimizer, t)
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and t.amp == "fp16")
+    if restored is not None:
+        optimizer.load_state_dict(restored["optimizer"])
+        scheduler.load_state_dict(restored["scheduler"])
+        if restored.get("scaler"):
+            scaler.load_state_dict(restored["scaler"])
+    seed_random_streams(job, session, restored)
+    net: torch.nn.Module = model
+    if session.world_size > 1:
+        # Gradients are averaged over ranks in backward; parameters start equal because DDP
+        # broadcasts rank 0's at construction.
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return TrainState(
+        model=model,
+        net=net,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        trainable=[p for p in model.parameters() if p.requires_grad],
+        device=device,
+        progress=progress,
+        history=restored["history"]["rows"].tolist() if restored else [],
+        start_iteration=progress.iteration,
+        mlflow_run_id=restored["run"].get("mlflow_run_id") if restored else None,
+    )
+
+
+def checkpoint_state(job: TrainJob, state: TrainState) -> dict[str, Any]:
+    """What a checkpoint holds (layout: `pipeline.train.checkpoint`), tensors on the CPU."""
+    return {
+        "model": {k: v.detach().cpu() for k, v in state.model.state_dict().items()},
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "scaler": state.scaler.state_dict() if state.scaler.is_enabled() else None,
+        "progress": progress_dict(state.progress),
+        "run": {
+            "run_name": job.run_name,
+            "mlflow_run_id": state.mlflow_run_id,
+            "data_hash": job.data_hash,
+            "git_commit": job.git_commit,
+        },
+        "history": {"columns": list(HISTORY_COLUMNS), "rows": history_tensor(state.history)},
+        "rng": torch.get_rng_state(),  # rank 0's; see seed_random_streams
+    }
+
+
 def _autocast(device: torch.device, amp: str) -> torch.autocast:
     """bf16/fp16 autocast on GPUs; CPUs train in float32 (``train.amp`` applies to GPUs only)."""
     enabled = device.type == "cuda" and amp != "off"
@@ -151,6 +270,50 @@ def _mean_over_ranks(values: torch.Tensor, world_size: int) -> torch.Tensor:
     return values
 
 
+def train_step(
+    state: TrainState,
+    images: list[torch.Tensor],
+    targets: list[dict[str, Any]],
+    t: TrainConfig,
+    world_size: int,
+) -> StepResult:
+    """One optimizer step on this rank's batch; ``state.progress`` is left to the caller.
+
+    ``images``: float ``[3, H, W]`` in [0, 1], sizes may differ; ``targets``: ``boxes`` float
+    ``[N, 4]`` xyxy in pixels, ``labels`` int64 ``[N]`` (`pipeline.dataset.collate`'s batch).
+    Raises `NonFiniteLossError` before anything is updated, on every rank at the same step
+    (the checked loss is the mean over ranks).
+    """
+    iteration = state.progress.iteration + 1
+    images, targets = _to_device(images, targets, state.device)
+    lr = state.optimizer.param_groups[0]["lr"]
+    with _autocast(state.device, t.amp):
+        loss_dict = state.net(images, targets)
+    loss = sum(loss_dict[name] for name in LOSS_NAMES)
+    terms = _mean_over_ranks(
+        torch.stack([loss_dict[name].detach().float() for name in LOSS_NAMES]), world_size
+    )
+    values = dict(zip(LOSS_NAMES, terms.tolist(), strict=True))
+    total = float(sum(values.values()))
+    if not math.isfinite(total):
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+        raise NonFiniteLossError(
+            f"non-finite loss at iteration {iteration} (epoch {state.progress.epoch}): loss={total} "
+            f"({shown}), lr={lr:.4g}; lower train.lr or raise train.warmup_iters"
+        )
+    optimizer, scaler = state.optimizer, state.scaler
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)  # true gradients for the norm (a no-op without fp16)
+    grad_norm = float(
+        torch.nn.utils.clip_grad_norm_(state.trainable, t.grad_clip_norm or math.inf, foreach=True)
+    )
+    scaler.step(optimizer)
+    scaler.update()
+    state.scheduler.step()
+    return StepResult(iteration=iteration, loss=total, terms=values, lr=lr, grad_norm=grad_norm)
+
+
 def epoch_batches(dataset: Any, job: TrainJob, session: Session, epoch: int) -> list[list[int]]:
     """This rank's batches (lists of dataset indices) for ``epoch``: aspect-ratio grouped, sharded.
 
@@ -158,8 +321,6 @@ def epoch_batches(dataset: Any, job: TrainJob, session: Session, epoch: int) -> 
     the same order and skips what it already trained on. The sampler pads the batch list so
     every rank gets the same number of batches (DDP's gradient all-reduce would hang otherwise).
     """
-    from pipeline.dataset import GroupedBatchSampler
-
     t = job.params.train
     sampler = GroupedBatchSampler(
         dataset, t.batch_size, shuffle=True, seed=t.seed, rank=session.rank, world_size=session.world_size
@@ -172,7 +333,7 @@ def epoch_batches(dataset: Any, job: TrainJob, session: Session, epoch: int) -> 
 
 
 def _write_status(job: TrainJob, session: Session, fields: dict[str, Any]) -> None:
-    """``<status_dir>/rank<k>.json``: who this worker is and where it is (atomic replace)."""
+    """``<status_dir>/rank<k>.json``: who this worker is and where it is (atomic replace; every rank)."""
     if job.status_dir is None:
         return
     record = {
@@ -224,6 +385,228 @@ class _Printer:
             self.bar.close()
 
 
+class RankZero:
+    """Rank 0's side effects: its MLflow run, lines and a bar for a person, checkpoint states.
+
+    Every method is a no-op on the other ranks (`checkpoint` gives None there: only rank 0 hands
+    a checkpoint to the session), so this is the one place with a side effect that tests for
+    rank 0 (`seed_random_streams` tests it too, to continue rank 0's saved random stream).
+    Status files are not here: every rank writes its own (`_write_status`).
+    """
+
+    def __init__(self, session: Session) -> None:
+        self.enabled = session.rank == 0
+        self.run = TrackedRun.disabled("not rank 0")
+        self.printer = _Printer(False, 0, 0)  # silent until `start`
+
+    def open_run(self, job: TrainJob, run_id: str | None) -> str | None:
+        """Open rank 0's MLflow run (continue ``run_id`` if set); its id, else ``run_id`` unchanged."""
+        if not (self.enabled and job.tracking_uri):
+            return run_id
+        tags = {"run_name": job.run_name, "data_hash": job.data_hash, "git_commit": job.git_commit}
+        tags.update(dict(job.run_tags))
+        t = job.params.train
+        self.run = TrackedRun.open(
+            job.tracking_uri, t.experiment, run_id=run_id, run_name=job.run_name, tags=tags
+        )
+        self.run.log_params(flatten(job.params.to_dict()))
+        return self.run.run_id or run_id
+
+    def start(self, job: TrainJob, session: Session, state: TrainState, images: int, resumed: bool) -> None:
+        """The bar, and the first line: what is trained, where, on ``images`` training images."""
+        t = job.params.train
+        self.printer = _Printer(self.enabled, t.iterations, state.progress.iteration)
+        if not self.enabled:
+            return
+        how = f"resuming at iteration {state.start_iteration}" if resumed else "starting"
+        self.printer.line(
+            f"[train] {job.run_name}: {how}, {t.iterations} iterations, {session.world_size} worker(s) x "
+            f"{t.batch_size} images on {state.device}, {images} training images, "
+            f"lr {state.optimizer.param_groups[0]['initial_lr']:.4g}, torch threads {torch.get_num_threads()}"
+        )
+
+    def line(self, text: str) -> None:
+        self.printer.line(text)
+
+    def step(self, step: StepResult) -> None:
+        self.printer.step(f"loss {step.loss:.3f} lr {step.lr:.3g}")
+
+    def log_metric_rows(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+        if self.enabled:
+            self.run.log_metric_rows(rows)
+
+    def checkpoint(self, job: TrainJob, state: TrainState) -> dict[str, Any] | None:
+        """`checkpoint_state` on rank 0, None on the others."""
+        return checkpoint_state(job, state) if self.enabled else None
+
+    def fail(self, err: BaseException) -> None:
+        """Mark the MLflow run FAILED, naming ``err``."""
+        if self.enabled:
+            self.run.set_tags({"error": f"{type(err).__name__}: {err}"[:5000]})
+            self.run.finish("FAILED")
+
+    def close(self) -> None:
+        self.printer.close()
+
+
+class LogWindow:
+    """The steps since the last ``[train] iter`` line: their training time, images and MLflow rows."""
+
+    def __init__(self, t: TrainConfig, global_batch: int) -> None:
+        self.t = t
+        self.global_batch = global_batch  # images per step over all ranks
+        self.seconds = 0.0  # training time in the window (reporting and checkpointing left out)
+        self.images = 0
+        self.rows: list[tuple[int, dict[str, float]]] = []  # (step, metrics) for MLflow
+
+    def add(self, step: StepResult, step_time: float) -> None:
+        self.images += self.global_batch
+        self.seconds += step_time
+        self.rows.append(step.mlflow_row())
+
+    def due(self, iteration: int) -> bool:
+        """True every ``train.log_every`` steps and at the last."""
+        return iteration % self.t.log_every == 0 or iteration >= self.t.iterations
+
+    def emit(self, step: StepResult, state: TrainState, rank0: RankZero) -> float:
+        """Print the window's line, log its MLflow rows (rank 0), start a new one; returns images/s."""
+        t, iteration = self.t, step.iteration
+        images_per_s = self.images / self.seconds if self.seconds > 0 else 0.0
+        self.seconds, self.images = 0.0, 0
+        recent = state.history[-t.log_every :]
+        mean_loss = sum(r[1] for r in recent) / len(recent)
+        eta = (t.iterations - iteration) * self.global_batch / images_per_s if images_per_s else 0.0
+        rank0.line(
+            f"[train] iter {iteration}/{t.iterations} epoch {state.progress.epoch} "
+            f"loss {mean_loss:.4f} ("
+            + " ".join(f"{k[5:]} {v:.3f}" for k, v in step.terms.items())
+            + f") lr {step.lr:.4g} {images_per_s:.2f} img/s eta {_format_duration(eta)}"
+        )
+        self.rows[-1][1]["images_per_s"] = images_per_s
+        rank0.log_metric_rows(self.rows)
+        self.rows = []
+        return images_per_s
+
+
+def report_step(
+    job: TrainJob, session: Session, state: TrainState, rank0: RankZero, window: LogWindow, step: StepResult
+) -> None:
+    """What follows a step: metrics, status and a checkpoint when they are due.
+
+    Every ``train.log_every`` steps (and at the last): the window's line, this rank's status file
+    and the full metrics. Every ``train.checkpoint_every`` steps (and at the last): a checkpoint,
+    handed over by rank 0. ``session.report`` is a barrier under Ray Train: every rank reports at
+    the same steps, with the same metrics keys.
+    """
+    t, iteration = job.params.train, step.iteration
+    checkpoint_now = iteration % t.checkpoint_every == 0 or iteration >= t.iterations
+    if window.due(iteration):
+        images_per_s = window.emit(step, state, rank0)
+        checksum = weights_checksum(state.model)
+        metrics: dict[str, Any] = {
+            "iteration": iteration,
+            "epoch": state.progress.epoch,
+            "loss": step.loss,
+            **step.terms,
+            "lr": step.lr,
+            "images_per_s": images_per_s,
+            "weights_checksum": checksum,
+            "start_iteration": state.start_iteration,
+            "attempts": state.progress.attempts,
+        }
+        status = {
+            "iteration": iteration,
+            "start_iteration": state.start_iteration,
+            "weights_checksum": checksum,
+        }
+        _write_status(job, session, status)
+    elif checkpoint_now:
+        metrics = {"iteration": iteration, "loss": step.loss, "lr": step.lr}
+    else:
+        return
+    if checkpoint_now:
+        state.last_checkpoint = iteration
+    session.report(metrics, rank0.checkpoint(job, state) if checkpoint_now else None, iteration)
+
+
+def train_epoch(
+    job: TrainJob,
+    session: Session,
+    state: TrainState,
+    dataset: DetectionDataset,
+    rank0: RankZero,
+    window: LogWindow,
+) -> None:
+    """Train on the rest of epoch ``progress.epoch``, stopping early at ``train.iterations``.
+
+    Starts at batch ``batch_in_epoch`` of `epoch_batches` (the same list on every attempt), so
+    a resumed epoch skips the batches it already trained on.
+    """
+    t = job.params.train
+    batches = epoch_batches(dataset, job, session, state.progress.epoch)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=batches[state.progress.batch_in_epoch :],
+        collate_fn=collate,
+        num_workers=t.loader_workers,
+        pin_memory=state.device.type == "cuda",
+        # Its own generator: creating the iterator then draws no number from the global
+        # stream, so a run resumed mid-epoch replays the same random numbers.
+        generator=torch.Generator().manual_seed(t.seed + state.progress.epoch),
+    )
+    batch_iter = iter(loader)
+    step_start = time.perf_counter()
+    for images, targets in batch_iter:
+        step = train_step(state, images, targets, t, session.world_size)
+        step_time = time.perf_counter() - step_start
+        state.record(step, step_time, window.global_batch)
+        window.add(step, step_time)
+        rank0.step(step)
+        report_step(job, session, state, rank0, window, step)
+        if step.iteration >= t.iterations:
+            return
+        # Time spent reporting and checkpointing is not training time.
+        step_start = time.perf_counter()
+
+
+def end_epoch(
+    state: TrainState, rank0: RankZero, first_iteration: int, started: float, global_batch: int
+) -> None:
+    """The epoch ran out before the last iteration: its summary line; the next epoch, from its start.
+
+    ``first_iteration`` and ``started`` (``time.perf_counter()``) are where this attempt began it.
+    """
+    progress = state.progress
+    seconds = time.perf_counter() - started
+    steps = progress.iteration - first_iteration
+    recent = state.history[-steps:] if steps else []
+    if recent:
+        rank0.line(
+            f"[train] epoch {progress.epoch} done: {steps} iterations in {seconds:.0f} s, "
+            f"mean loss {sum(r[1] for r in recent) / len(recent):.4f}, "
+            f"{steps * global_batch / seconds:.2f} img/s"
+        )
+    progress.epoch += 1
+    progress.batch_in_epoch = 0
+
+
+def train_loop(
+    job: TrainJob, session: Session, state: TrainState, dataset: DetectionDataset, rank0: RankZero
+) -> None:
+    """Epochs until ``train.iterations``; the last step is checkpointed by this attempt too."""
+    t, progress = job.params.train, state.progress
+    window = LogWindow(t, t.batch_size * session.world_size)
+    while progress.iteration < t.iterations:
+        first_iteration, started = progress.iteration, time.perf_counter()
+        train_epoch(job, session, state, dataset, rank0, window)
+        if progress.iteration < t.iterations:
+            end_epoch(state, rank0, first_iteration, started, window.global_batch)
+    if state.last_checkpoint != progress.iteration:
+        # Resumed a run that was already complete: report its state again so this attempt
+        # (a new fit() with the same run name) ends with a checkpoint too.
+        session.report({"iteration": progress.iteration}, rank0.checkpoint(job, state), progress.iteration)
+
+
 def train_worker(job: TrainJob, session: Session) -> dict[str, Any]:
     """Train on this rank until ``train.iterations``; returns rank 0's final metrics.
 
@@ -231,223 +614,28 @@ def train_worker(job: TrainJob, session: Session) -> dict[str, Any]:
     scaler, progress, MLflow run id). Checkpoints every ``train.checkpoint_every`` steps and
     at the end; reports metrics every ``train.log_every`` steps.
     """
-    from pipeline.dataset import DetectionDataset, collate
-
-    params, t = job.params, job.params.train
-    is_main = session.rank == 0
-    device = session.device
+    params = job.params
     configure_cpu(params)
-
     restored = session.restore()
-    progress = Progress.from_dict(restored["progress"]) if restored else Progress()
-    if restored is not None:
-        progress.attempts += 1
-    start_iteration = progress.iteration
-    history: list[list[float]] = restored["history"]["rows"].tolist() if restored else []
-
-    model = build_model(job, restored).to(device)
-    model.train()
-    optimizer = build_optimizer(model, t, session.world_size)
-    scheduler = build_scheduler(optimizer, t)
-    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and t.amp == "fp16")
-    if restored is not None:
-        optimizer.load_state_dict(restored["optimizer"])
-        scheduler.load_state_dict(restored["scheduler"])
-        if restored.get("scaler"):
-            scaler.load_state_dict(restored["scaler"])
-    seed_random_streams(job, session, restored)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    net: torch.nn.Module = model
-    if session.world_size > 1:
-        # Gradients are averaged over ranks in backward; parameters start equal because DDP
-        # broadcasts rank 0's at construction.
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    run = TrackedRun.disabled("not rank 0")
-    mlflow_run_id = restored["run"].get("mlflow_run_id") if restored else None
-    if is_main and job.tracking_uri:
-        tags = {"run_name": job.run_name, "data_hash": job.data_hash, "git_commit": job.git_commit}
-        tags.update(dict(job.run_tags))
-        run = TrackedRun.open(
-            job.tracking_uri, t.experiment, run_id=mlflow_run_id, run_name=job.run_name, tags=tags
-        )
-        run.log_params(flatten(params.to_dict()))
-        mlflow_run_id = run.run_id or mlflow_run_id
-
-    dataset = DetectionDataset(job.data_root, params.data.train_split, train=True, flip_prob=t.flip_prob)
-    global_batch = t.batch_size * session.world_size
-    _write_status(job, session, {"iteration": progress.iteration, "start_iteration": start_iteration})
-    printer = _Printer(is_main, t.iterations, progress.iteration)
-    if is_main:
-        how = f"resuming at iteration {start_iteration}" if restored else "starting"
-        printer.line(
-            f"[train] {job.run_name}: {how}, {t.iterations} iterations, {session.world_size} worker(s) x "
-            f"{t.batch_size} images on {device}, {len(dataset)} training images, "
-            f"lr {optimizer.param_groups[0]['initial_lr']:.4g}, torch threads {torch.get_num_threads()}"
-        )
-
-    def state_for_checkpoint() -> dict[str, Any]:
-        return {
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "progress": progress_dict(progress),
-            "run": {
-                "run_name": job.run_name,
-                "mlflow_run_id": mlflow_run_id,
-                "data_hash": job.data_hash,
-                "git_commit": job.git_commit,
-            },
-            "history": {"columns": list(HISTORY_COLUMNS), "rows": history_tensor(history)},
-            "rng": torch.get_rng_state(),  # rank 0's; see seed_random_streams
-        }
-
-    pending_mlflow: list[tuple[int, dict[str, float]]] = []
-    window_seconds, window_images = 0.0, 0  # training time and images since the last log line
-    epoch_start_iteration, epoch_start_time = progress.iteration, time.perf_counter()
-    last_checkpoint = -1  # iteration of the last checkpoint this attempt reported
+    state = build_state(job, session, restored)
+    rank0 = RankZero(session)
+    state.mlflow_run_id = rank0.open_run(job, state.mlflow_run_id)
+    dataset = DetectionDataset(
+        job.data_root, params.data.train_split, train=True, flip_prob=params.train.flip_prob
+    )
+    _write_status(
+        job, session, {"iteration": state.progress.iteration, "start_iteration": state.start_iteration}
+    )
+    rank0.start(job, session, state, len(dataset), resumed=restored is not None)
     try:
-        while progress.iteration < t.iterations:
-            batches = epoch_batches(dataset, job, session, progress.epoch)
-            loader = torch.utils.data.DataLoader(
-                dataset,
-                batch_sampler=batches[progress.batch_in_epoch :],
-                collate_fn=collate,
-                num_workers=t.loader_workers,
-                pin_memory=device.type == "cuda",
-                # Its own generator: creating the iterator then draws no number from the global
-                # stream, so a run resumed mid-epoch replays the same random numbers.
-                generator=torch.Generator().manual_seed(t.seed + progress.epoch),
-            )
-            batch_iter: Iterator = iter(loader)
-            step_start = time.perf_counter()
-            for images, targets in batch_iter:
-                iteration = progress.iteration + 1
-                images, targets = _to_device(images, targets, device)
-                lr = optimizer.param_groups[0]["lr"]
-                with _autocast(device, t.amp):
-                    loss_dict = net(images, targets)
-                loss = sum(loss_dict[name] for name in LOSS_NAMES)
-                terms = _mean_over_ranks(
-                    torch.stack([loss_dict[name].detach().float() for name in LOSS_NAMES]), session.world_size
-                )
-                values = dict(zip(LOSS_NAMES, terms.tolist(), strict=True))
-                total = float(sum(values.values()))
-                if not math.isfinite(total):
-                    shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
-                    raise NonFiniteLossError(
-                        f"non-finite loss at iteration {iteration} (epoch {progress.epoch}): loss={total} "
-                        f"({shown}), lr={lr:.4g}; lower train.lr or raise train.warmup_iters"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)  # true gradients for the norm (a no-op without fp16)
-                grad_norm = float(
-                    torch.nn.utils.clip_grad_norm_(trainable, t.grad_clip_norm or math.inf, foreach=True)
-                )
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-
-                now = time.perf_counter()
-                step_time = now - step_start
-                progress.iteration = iteration
-                progress.batch_in_epoch += 1
-                progress.images_seen += global_batch
-                progress.train_seconds += step_time
-                window_images += global_batch
-                window_seconds += step_time
-                row = [iteration, total, *values.values(), lr, step_time, progress.epoch, grad_norm]
-                history.append(row)
-                if is_main:
-                    pending_mlflow.append(
-                        (iteration, {"loss": total, **values, "lr": lr, "grad_norm": grad_norm})
-                    )
-                printer.step(f"loss {total:.3f} lr {lr:.3g}")
-
-                finished = iteration >= t.iterations
-                if iteration % t.log_every == 0 or finished:
-                    images_per_s = window_images / window_seconds if window_seconds > 0 else 0.0
-                    window_seconds, window_images = 0.0, 0
-                    recent = history[-t.log_every :]
-                    mean_loss = sum(r[1] for r in recent) / len(recent)
-                    eta = (t.iterations - iteration) * global_batch / images_per_s if images_per_s else 0.0
-                    printer.line(
-                        f"[train] iter {iteration}/{t.iterations} epoch {progress.epoch} "
-                        f"loss {mean_loss:.4f} ("
-                        + " ".join(f"{k[5:]} {v:.3f}" for k, v in values.items())
-                        + f") lr {lr:.4g} {images_per_s:.2f} img/s eta {_format_duration(eta)}"
-                    )
-                    if is_main:
-                        pending_mlflow[-1][1]["images_per_s"] = images_per_s
-                        run.log_metric_rows(pending_mlflow)
-                        pending_mlflow = []
-                    checksum = weights_checksum(model)
-                    metrics = {
-                        "iteration": iteration,
-                        "epoch": progress.epoch,
-                        "loss": total,
-                        **values,
-                        "lr": lr,
-                        "images_per_s": images_per_s,
-                        "weights_checksum": checksum,
-                        "start_iteration": start_iteration,
-                        "attempts": progress.attempts,
-                    }
-                    _write_status(
-                        job,
-                        session,
-                        {
-                            "iteration": iteration,
-                            "start_iteration": start_iteration,
-                            "weights_checksum": checksum,
-                        },
-                    )
-                    checkpoint_now = iteration % t.checkpoint_every == 0 or finished
-                    if checkpoint_now:
-                        last_checkpoint = iteration
-                    session.report(
-                        metrics, state_for_checkpoint() if checkpoint_now and is_main else None, iteration
-                    )
-                elif iteration % t.checkpoint_every == 0:
-                    last_checkpoint = iteration
-                    session.report(
-                        {"iteration": iteration, "loss": total, "lr": lr},
-                        state_for_checkpoint() if is_main else None,
-                        iteration,
-                    )
-                if finished:
-                    break
-                # Time spent reporting and checkpointing is not training time.
-                step_start = time.perf_counter()
-            else:
-                # The epoch ran out before the last iteration: summary line, next epoch.
-                seconds = time.perf_counter() - epoch_start_time
-                steps = progress.iteration - epoch_start_iteration
-                recent = history[-steps:] if steps else []
-                if recent:
-                    printer.line(
-                        f"[train] epoch {progress.epoch} done: {steps} iterations in {seconds:.0f} s, "
-                        f"mean loss {sum(r[1] for r in recent) / len(recent):.4f}, "
-                        f"{steps * global_batch / seconds:.2f} img/s"
-                    )
-                progress.epoch += 1
-                progress.batch_in_epoch = 0
-                epoch_start_iteration, epoch_start_time = progress.iteration, time.perf_counter()
-        if last_checkpoint != progress.iteration:
-            # Resumed a run that was already complete: report its state again so this attempt
-            # (a new fit() with the same run name) ends with a checkpoint too.
-            session.report(
-                {"iteration": progress.iteration},
-                state_for_checkpoint() if is_main else None,
-                progress.iteration,
-            )
+        train_loop(job, session, state, dataset, rank0)
     except BaseException as err:
-        if is_main:
-            run.set_tags({"error": f"{type(err).__name__}: {err}"[:5000]})
-            run.finish("FAILED")
+        rank0.fail(err)
         raise
     finally:
-        printer.close()
-    return {"iteration": progress.iteration, "mlflow_run_id": mlflow_run_id, **progress_dict(progress)}
+        rank0.close()
+    return {
+        "iteration": state.progress.iteration,
+        "mlflow_run_id": state.mlflow_run_id,
+        **progress_dict(state.progress),
+    }
