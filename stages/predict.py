@@ -6,8 +6,10 @@ Run::
     python -m stages.predict --model models/model.pt --out predictions --score-thresh 0.3 photo.jpg
 
 ``--model`` is a model file or an MLflow model URI (``models:/<name>@<alias>``,
-``models:/<name>/<version>``, ``runs:/<run id>/model``), resolved against ``MLFLOW_TRACKING_URI``
-(else ``sqlite:///<project root>/mlflow.db``). Uses the GPU when one is visible.
+``models:/<name>/<version>``, ``runs:/<run id>/fpn_detector``: the pyfunc stage evaluate logs),
+resolved against ``MLFLOW_TRACKING_URI`` (else ``sqlite:///<project root>/mlflow.db``). A URI whose
+model is not a pyfunc logged from code (e.g. an ``mlflow.pytorch`` pickle) is refused before
+loading. Uses the GPU when one is visible.
 
 Writes ``<out>/<image stem>.jpg`` with boxes, class names and scores drawn, and
 ``<out>/detections.json``: ``{"model": ..., "score_thresh": ..., "images": [{"file", "width",
@@ -30,7 +32,7 @@ from pipeline.inference import InferenceError, detection_records, predict_images
 from pipeline.io import atomic_write_text
 from pipeline.model_file import ModelFileError
 from pipeline.tracking.pyfunc import is_mlflow_uri, load_detector
-from pipeline.tracking.registry import TrackingUnavailable, use_tracking
+from pipeline.tracking.run import TrackingUnavailable, check_tracking_uri
 from stages.cli import fail
 
 
@@ -45,10 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     try:
-        if is_mlflow_uri(args.model):
-            use_tracking()
-        loaded = load_detector(args.model)
-    except (ModelFileError, TrackingUnavailable, MlflowException, ValueError) as err:
+        uri = check_tracking_uri() if is_mlflow_uri(args.model) else None
+        loaded = load_detector(args.model, tracking_uri=uri)
+    except (ModelFileError, TrackingUnavailable, MlflowException, ValueError) as err:  # UnsafeModelError too
         return fail("predict", f"{args.model}: {err}")
 
     out.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ before anything is sent, so an unreachable tracking server loses only the MLflow
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.figure import Figure
 from PIL import Image
 
 from pipeline.config import Params
@@ -59,6 +61,9 @@ from pipeline.inference import (
 from pipeline.io import atomic_directory, atomic_write_text, check_output_folder
 from pipeline.model_file import LoadedModel, load_model_file
 from pipeline.provenance import git_commit
+from pipeline.tracking.pyfunc import log_detector
+from pipeline.tracking.registry import Registration, register_model
+from pipeline.tracking.run import TrackedRun, TrackingError, check_tracking_uri, flatten, run_exists
 
 
 @dataclass
@@ -158,14 +163,10 @@ def write_pictures(
     return sorted(images_dir.glob("*.jpg"))
 
 
-def pr_curve_figure(det_eval: DetectionEvaluation) -> Any:
-    """Matplotlib figure of the two PR curves (for MLflow)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4))
+def pr_curve_figure(det_eval: DetectionEvaluation) -> Figure:
+    """Matplotlib figure of the two PR curves (for MLflow; not attached to pyplot, nothing to close)."""
+    fig = Figure(figsize=(5, 4))
+    ax = fig.subplots()
     ax.plot(det_eval.pr_recall, det_eval.pr_precision_50, label="IoU 0.5")
     ax.plot(det_eval.pr_recall, det_eval.pr_precision_50_95, label="IoU 0.5:0.95")
     ax.set(
@@ -178,6 +179,92 @@ def pr_curve_figure(det_eval: DetectionEvaluation) -> Any:
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def open_evaluation_run(
+    uri: str, params: Params, loaded: LoadedModel, model_path: Path
+) -> tuple[TrackedRun, bool]:
+    """The model's training run (``extra["mlflow_run_id"]``) when the store at ``uri`` has it, else a
+    new run ``evaluate-<file stem>`` in ``train.experiment``; returns (run, resumed). Strict: an
+    MLflow failure raises `TrackingError`."""
+    run_id = loaded.extra.get("mlflow_run_id")
+    if run_id and run_exists(uri, run_id):
+        return TrackedRun.open(uri, params.train.experiment, run_id=run_id, strict=True), True
+    if run_id:
+        print(f"evaluate: run {run_id} named by {model_path} is not on {uri}: starting a new run")
+    run = TrackedRun.open(
+        uri,
+        params.train.experiment,
+        run_name=f"evaluate-{model_path.stem}",
+        tags={"model_file": str(model_path)},
+        strict=True,
+    )
+    return run, False
+
+
+def log_results(
+    run: TrackedRun,
+    params: Params,
+    loaded: LoadedModel,
+    *,
+    metrics: dict[str, float],
+    det_eval: DetectionEvaluation,
+    files: tuple[Path, Path, Path],
+    resumed: bool,
+    outcome: EvaluationOutcome,
+) -> None:
+    """Params (a new run only), metrics as ``eval/<name>``, the files ``(metrics JSON, PR CSV,
+    pictures folder)`` under ``evaluation/`` and the PR figure; notes each step in ``outcome``."""
+    metrics_path, plots_path, images_dir = files
+    if not resumed:
+        run.log_params(flatten({"model": loaded.config.to_dict()}))
+    run.set_tags({"evaluate.params": json.dumps(dataclasses.asdict(params.evaluate), sort_keys=True)})
+    run.log_metrics({f"eval/{key}": value for key, value in metrics.items()}, step=0)
+    outcome.logged.append("metrics")
+    run.log_artifact(metrics_path, "evaluation")
+    run.log_artifact(plots_path, "evaluation")
+    run.log_figure(pr_curve_figure(det_eval), "evaluation/pr_curve.png")
+    outcome.logged.append("PR curve")
+    run.log_artifacts(images_dir, "evaluation/images")
+    outcome.logged.append("pictures")
+
+
+def register_evaluated(
+    run: TrackedRun,
+    model_uri: str,
+    params: Params,
+    loaded: LoadedModel,
+    *,
+    metrics: dict[str, float],
+    data_hash: str | None,
+    val_data_hash: str,
+) -> Registration:
+    """Register the logged model as a version of ``evaluate.registered_model`` (champion policy:
+    `pipeline.tracking.registry`), tagged with the metrics (no per-category AP) and the params;
+    the run gets the version and the decision as tags ``eval.registered_model/registry_status``."""
+    extra_params = loaded.extra.get("params") if isinstance(loaded.extra.get("params"), dict) else {}
+    registration = register_model(
+        run.client,
+        model_uri,
+        name=params.evaluate.registered_model,
+        metrics={k: v for k, v in metrics.items() if not k.startswith("AP_")},
+        params={
+            **extra_params,
+            "model": loaded.config.to_dict(),
+            "evaluate": dataclasses.asdict(params.evaluate),
+        },
+        data_hash=data_hash,
+        val_data_hash=val_data_hash,
+        git_commit=loaded.extra.get("git_commit") or git_commit(),
+        extra_tags={"eval_git_commit": git_commit(), "mlflow_run_id": run.run_id},
+    )
+    run.set_tags(
+        {
+            "eval.registered_model": f"{registration.name}/{registration.version}",
+            "eval.registry_status": registration.decision.status,
+        }
+    )
+    return registration
 
 
 def publish_to_mlflow(
@@ -194,77 +281,44 @@ def publish_to_mlflow(
     val_data_hash: str,
     outcome: EvaluationOutcome,
 ) -> None:
-    """Log to the model's run and register it; fills ``outcome`` step by step (see `run_evaluate`)."""
-    import mlflow
-    from matplotlib import pyplot as plt
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from pipeline.tracking.pyfunc import log_detector
-    from pipeline.tracking.registry import register_model, use_tracking
-
-    uri = use_tracking()
-    run_id = loaded.extra.get("mlflow_run_id")
-    existing = None
-    if run_id:
-        try:
-            existing = MlflowClient().get_run(run_id)
-        except MlflowException:
-            print(f"evaluate: run {run_id} named by {model_path} is not on {uri}: starting a new run")
-    resume = existing is not None
-    if existing is not None:
-        # start_run(run_id=...) refuses a run outside the active experiment: make its experiment active.
-        mlflow.set_experiment(experiment_id=existing.info.experiment_id)
-        active = mlflow.start_run(run_id=run_id)
-    else:
-        mlflow.set_experiment(params.train.experiment)
-        active = mlflow.start_run(
-            run_name=f"evaluate-{model_path.stem}", tags={"model_file": str(model_path)}
+    """Log to the model's run, log the model (pyfunc) and register it; fills ``outcome`` step by
+    step and raises at the first MLflow failure (see `run_evaluate`). The run ends FINISHED, or
+    FAILED when a step failed."""
+    run, resumed = open_evaluation_run(check_tracking_uri(), params, loaded, model_path)
+    outcome.run_id = run.run_id
+    try:
+        files = (metrics_path, plots_path, images_dir)
+        log_results(
+            run,
+            params,
+            loaded,
+            metrics=metrics,
+            det_eval=det_eval,
+            files=files,
+            resumed=resumed,
+            outcome=outcome,
         )
-    with active as run:
-        outcome.run_id = run.info.run_id
-        if not resume:
-            mlflow.log_params({f"model.{k}": v for k, v in loaded.config.to_dict().items()})
-        mlflow.set_tag("evaluate.params", json.dumps(dataclasses.asdict(params.evaluate), sort_keys=True))
-        mlflow.log_metrics({f"eval/{key}": value for key, value in metrics.items()})
-        outcome.logged.append("metrics")
-        mlflow.log_artifact(str(metrics_path), "evaluation")
-        mlflow.log_artifact(str(plots_path), "evaluation")
-        fig = pr_curve_figure(det_eval)
-        mlflow.log_figure(fig, "evaluation/pr_curve.png")
-        plt.close(fig)
-        outcome.logged.append("PR curve")
-        mlflow.log_artifacts(str(images_dir), "evaluation/images")
-        outcome.logged.append("pictures")
-        info = log_detector(model_path)
+        info = log_detector(run, model_path)
+        if info is None:  # only a run that is not strict returns None
+            raise TrackingError(f"MLflow at {run.uri}: the model was not logged to run {run.run_id}")
         outcome.logged.append("model")
-        extra_params = loaded.extra.get("params") if isinstance(loaded.extra.get("params"), dict) else {}
-        registration = register_model(
+        registration = register_evaluated(
+            run,
             info.model_uri,
-            name=params.evaluate.registered_model,
-            metrics={k: v for k, v in metrics.items() if not k.startswith("AP_")},
-            params={
-                **extra_params,
-                "model": loaded.config.to_dict(),
-                "evaluate": dataclasses.asdict(params.evaluate),
-            },
+            params,
+            loaded,
+            metrics=metrics,
             data_hash=data_hash,
             val_data_hash=val_data_hash,
-            git_commit=loaded.extra.get("git_commit") or git_commit(),
-            extra_tags={
-                "eval_git_commit": git_commit(),
-                "mlflow_run_id": run.info.run_id,
-            },
         )
         outcome.logged.append("registry")
         outcome.registered_version = registration.version
         outcome.decision = f"{registration.decision.status}: {registration.decision.reason}"
-        mlflow.set_tags(
-            {
-                "eval.registered_model": f"{registration.name}/{registration.version}",
-                "eval.registry_status": registration.decision.status,
-            }
-        )
+    except BaseException:
+        with contextlib.suppress(Exception):  # the first failure is the one to report
+            run.finish("FAILED")
+        raise
+    run.finish("FINISHED")
 
 
 def run_evaluate(

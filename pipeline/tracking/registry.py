@@ -18,48 +18,25 @@ Champion policy (`decide_champion`), on AP (IoU .50:.95):
    (the first model measured on this data) or if it beats it; otherwise it is rejected and the
    champion stays. (To compare across data, re-evaluate the champion on the new data.)
 
-Concurrent registrations of the same name are not serialised: run one evaluation at a time.
+Every function takes the client to use (`pipeline.tracking.run.mlflow_client`): nothing here sets
+MLflow's global tracking or registry URI. Concurrent registrations of the same name are not
+serialised: run one evaluation at a time.
 """
 
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import mlflow
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from pipeline.tracking.run import tracking_uri
-
 CHAMPION = "champion"
 METRIC_TAG_PREFIX = "metric."
 VAL_DATA_TAG = "val_data_hash"
-
-
-class TrackingUnavailable(RuntimeError):
-    """The MLflow tracking server does not answer; the message names its URI."""
-
-
-def use_tracking(uri: str | None = None, *, timeout_s: float = 5.0) -> str:
-    """Point MLflow (tracking and registry) at ``uri`` (default `pipeline.tracking.run.tracking_uri`:
-    ``MLFLOW_TRACKING_URI``, else ``sqlite:///<project root>/mlflow.db``), checking an HTTP
-    server answers ``/health`` first, so an unreachable one fails in seconds, not after retries."""
-    uri = uri or tracking_uri()
-    if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
-                response.read()
-        except (urllib.error.URLError, OSError) as err:
-            raise TrackingUnavailable(f"MLflow tracking server {uri} is unreachable: {err}") from err
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    return uri
 
 
 @dataclass(frozen=True)
@@ -155,7 +132,24 @@ def _tag_value(value: Any) -> str:
     return text[:5000]  # MLflow's limit on a tag value
 
 
+def _create_registered_model(client: MlflowClient, name: str) -> None:
+    """Create registered model ``name`` unless it exists."""
+    try:
+        client.create_registered_model(name)
+    except MlflowException as err:
+        if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+
+
+def _logged_model_id(model_uri: str) -> str | None:
+    """``m-...`` for a logged model's URI ``models:/m-...``, else None."""
+    prefix = "models:/"
+    rest = model_uri[len(prefix) :] if model_uri.startswith(prefix) else ""
+    return rest if rest and "/" not in rest and "@" not in rest else None
+
+
 def register_model(
+    client: MlflowClient,
     model_uri: str,
     *,
     name: str,
@@ -166,14 +160,14 @@ def register_model(
     git_commit: str | None,
     extra_tags: Mapping[str, Any] | None = None,
 ) -> Registration:
-    """Register ``model_uri`` (e.g. a logged model's ``models:/m-...``) as a new version of ``name``,
-    tag it, decide the champion (module docstring) and move the alias; returns what was done.
+    """Register ``model_uri`` (e.g. a logged model's ``models:/m-...``) as a new version of ``name``
+    through ``client``, tag it, decide the champion (module docstring) and move the alias; returns
+    what was done.
 
     ``metrics`` must hold ``AP``. ``params`` maps a section name to its values (tagged as JSON).
     """
     if "AP" not in metrics:
         raise ValueError("register_model: metrics lack 'AP', the champion criterion")
-    client = MlflowClient()
     tags: dict[str, str] = {f"{METRIC_TAG_PREFIX}{k}": f"{float(v):.6g}" for k, v in metrics.items()}
     tags.update({f"params.{section}": _tag_value(values) for section, values in params.items()})
     tags[VAL_DATA_TAG] = val_data_hash
@@ -181,8 +175,11 @@ def register_model(
     tags["git_commit"] = git_commit or "unknown"
     tags["status"] = "candidate"
     tags.update({k: _tag_value(v) for k, v in (extra_tags or {}).items()})
-    version = mlflow.register_model(model_uri, name, tags=tags)
-    version = client.get_model_version(name, version.version)  # with its tags
+    _create_registered_model(client, name)
+    created = client.create_model_version(
+        name, source=model_uri, tags=tags, model_id=_logged_model_id(model_uri)
+    )
+    version = client.get_model_version(name, created.version)  # with its tags
 
     decision = decide_champion(client, name, version)
     client.set_model_version_tag(name, version.version, "compared_with", decision.compared_with)

@@ -1,19 +1,31 @@
 """MLflow tracking for the pipeline's stages: where the store is, and a run that never stops training.
 
+Every MLflow call of the project goes through an explicit ``MlflowClient(tracking_uri=...,
+registry_uri=...)`` (`mlflow_client`); nothing sets MLflow's process-global tracking URI or
+experiment, except the one model-logging block in `pipeline.tracking.fluent`.
+
 * `tracking_uri()` -- ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<project root>/mlflow.db``
   (the project root is where ``params.yaml``/``dvc.yaml`` live: the stage's working directory).
+* `check_tracking_uri()` -- the same URI, after checking that an HTTP server answers.
+* `mlflow_client(uri)` -- the client for ``uri`` (tracking and registry).
 * `TrackedRun` -- one MLflow run, opened fresh or continued by id (a resumed training continues
-  the run it started). Every call swallows MLflow failures: a tracking server that is down or
-  a locked database costs the metrics, never the training. The first failure warns once, says
-  what was not logged, and turns the run off for the rest of the process.
+  the run it started). By default every call swallows MLflow failures: a tracking server that is
+  down or a locked database costs the metrics, never the training. The first failure warns once,
+  says what was not logged, and turns the run off for the rest of the process. With
+  ``strict=True`` (stage evaluate, where MLflow is part of the job) a failure raises
+  `TrackingError` instead.
 * `flatten()` -- a nested params dict as MLflow params (``{"train.lr": "0.02", ...}``).
 
-Usage (the evaluate stage does the same with its own metrics)::
+Usage (the evaluate stage does the same with its own metrics, artifacts and model)::
 
     run = TrackedRun.open(tracking_uri(), "fpn", run_id=None, run_name="fpn-3f2a...", tags={...})
     run.log_params(flatten(params.to_dict()))
     run.log_metrics({"loss": 1.2, "lr": 0.02}, step=20)
     run.finish()
+
+MLflow is imported inside the functions that use it, not at the top: the training loop
+(`pipeline.train.loop`) and stage profile import this module and also run, with tracking off, where
+MLflow is not installed (e.g. a bare GPU machine with torch only).
 """
 
 from __future__ import annotations
@@ -22,12 +34,18 @@ import logging
 import math
 import os
 import time
+import urllib.error
+import urllib.request
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.provenance import project_root
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.models.model import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +53,15 @@ TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 # MLflow's own value limits: longer params are truncated, not rejected.
 _MAX_PARAM_VALUE = 6000
 _BATCH = 1000  # MLflow's log_batch takes at most 1000 metrics per call
+_MISSING_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")  # an unknown or malformed run id
+
+
+class TrackingError(RuntimeError):
+    """An MLflow call failed where tracking is part of the job (``strict``); the message names the URI."""
+
+
+class TrackingUnavailable(TrackingError):
+    """The MLflow tracking server does not answer; the message names its URI."""
 
 
 def tracking_uri(root: str | Path | None = None) -> str:
@@ -44,6 +71,42 @@ def tracking_uri(root: str | Path | None = None) -> str:
         return from_env
     root = Path(root) if root is not None else project_root()
     return f"sqlite:///{(root.resolve() / 'mlflow.db').as_posix()}"
+
+
+def check_tracking_uri(uri: str | None = None, *, timeout_s: float = 5.0) -> str:
+    """``uri`` (default `tracking_uri()`), after checking that an HTTP server answers ``/health``.
+
+    An unreachable server raises `TrackingUnavailable` in seconds instead of after MLflow's
+    retries. Other URIs (SQLite, a database) are returned as they are. Changes no global state.
+    """
+    uri = uri or tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
+                response.read()
+        except (urllib.error.URLError, OSError) as err:
+            raise TrackingUnavailable(f"MLflow tracking server {uri} is unreachable: {err}") from err
+    return uri
+
+
+def mlflow_client(uri: str) -> MlflowClient:
+    """The project's one way to talk to MLflow: a client for ``uri`` as tracking and registry store."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def run_exists(uri: str, run_id: str) -> bool:
+    """True when the store at ``uri`` has run ``run_id``; other MLflow errors raise."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow_client(uri).get_run(run_id)
+    except MlflowException as err:
+        if err.error_code in _MISSING_CODES:
+            return False
+        raise
+    return True
 
 
 def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -72,25 +135,34 @@ def _quiet_http_retries(uri: str) -> None:
 
 
 class TrackedRun:
-    """One MLflow run that warns instead of raising. ``run_id`` is None when MLflow was unreachable.
+    """One MLflow run that warns instead of raising (``strict``: raises `TrackingError`).
 
-    Create with `TrackedRun.open` (new or continued run) or `TrackedRun.disabled` (no tracking).
+    ``run_id`` is None when MLflow was unreachable. Create with `TrackedRun.open` (new or
+    continued run) or `TrackedRun.disabled` (no tracking).
     """
 
-    def __init__(self, uri: str, run_id: str | None, *, problem: str | None = None) -> None:
+    def __init__(
+        self, uri: str, run_id: str | None, *, problem: str | None = None, strict: bool = False
+    ) -> None:
         self.uri = uri
         self.run_id = run_id
-        self._client: Any = None
+        self.strict = strict
+        self._client: MlflowClient | None = None
         self._problem = problem  # why the run is off, once it is
         if run_id is not None:
-            from mlflow import MlflowClient
-
-            self._client = MlflowClient(tracking_uri=uri)
+            self._client = mlflow_client(uri)
 
     @property
     def active(self) -> bool:
         """True while MLflow calls are still being made."""
         return self.run_id is not None and self._problem is None
+
+    @property
+    def client(self) -> MlflowClient:
+        """The run's client (for the registry); a disabled run has none and raises `TrackingError`."""
+        if self._client is None:
+            raise TrackingError(self._problem or f"run {self.run_id} has no MLflow client")
+        return self._client
 
     @classmethod
     def disabled(cls, reason: str = "tracking disabled") -> TrackedRun:
@@ -106,50 +178,45 @@ class TrackedRun:
         run_id: str | None = None,
         run_name: str | None = None,
         tags: Mapping[str, str] | None = None,
+        strict: bool = False,
     ) -> TrackedRun:
         """Continue run ``run_id`` (set RUNNING again) or start a new one in ``experiment``.
 
         MLflow unreachable: warn that nothing of this run will be logged and return a
-        disabled run; the caller carries on.
+        disabled run; the caller carries on. ``strict``: raise `TrackingError` instead.
         """
-        _quiet_http_retries(uri)
+        if not strict:
+            _quiet_http_retries(uri)
         try:
-            from mlflow import MlflowClient
-
-            client = MlflowClient(tracking_uri=uri)
+            client = mlflow_client(uri)
             if run_id is not None:
                 client.update_run(run_id, status="RUNNING")
                 if tags:
                     for key, value in tags.items():
                         client.set_tag(run_id, key, str(value))
-                return cls(uri, run_id)
-            found = client.get_experiment_by_name(experiment)
-            if found is not None:
-                experiment_id = found.experiment_id
-            else:
-                try:
-                    experiment_id = client.create_experiment(experiment)
-                except Exception:  # noqa: BLE001 - another process may have created it meanwhile
-                    found = client.get_experiment_by_name(experiment)
-                    if found is None:
-                        raise
-                    experiment_id = found.experiment_id
-            run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
-            return cls(uri, run.info.run_id)
+                return cls(uri, run_id, strict=strict)
+            run = client.create_run(
+                _experiment_id(client, experiment), run_name=run_name, tags=dict(tags or {})
+            )
+            return cls(uri, run.info.run_id, strict=strict)
         except Exception as err:  # noqa: BLE001 - tracking must never stop the training
             what = f"run {run_id}" if run_id else f"a new run in experiment {experiment!r}"
+            cause = f"MLflow at {uri} unreachable while opening {what} ({type(err).__name__}: {err})"
+            if strict:
+                raise TrackingError(cause) from err
             message = (
-                f"MLflow at {uri} unreachable while opening {what} ({type(err).__name__}: {err}); "
-                "nothing of this run is logged to MLflow (params, metrics, model); training goes on"
+                f"{cause}; nothing of this run is logged to MLflow (params, metrics, model); training goes on"
             )
             warnings.warn(message, RuntimeWarning, stacklevel=2)
             log.warning(message)
             return cls(uri, None, problem=message)
 
     def _failed(self, what: str, err: BaseException) -> None:
+        cause = f"MLflow at {self.uri} failed while logging {what} ({type(err).__name__}: {err})"
+        if self.strict:
+            raise TrackingError(f"{cause} to run {self.run_id}") from err
         self._problem = (
-            f"MLflow at {self.uri} failed while logging {what} ({type(err).__name__}: {err}); "
-            f"{what} and everything after it is not logged to run {self.run_id}; training goes on"
+            f"{cause}; {what} and everything after it is not logged to run {self.run_id}; training goes on"
         )
         warnings.warn(self._problem, RuntimeWarning, stacklevel=3)
         log.warning(self._problem)
@@ -161,20 +228,21 @@ class TrackedRun:
         from mlflow.entities import Param
 
         try:
-            existing = self._client.get_run(self.run_id).data.params
+            existing = self.client.get_run(self.run_id).data.params
             items = [Param(k, v) for k, v in params.items() if k not in existing]
             for start in range(0, len(items), 100):
-                self._client.log_batch(self.run_id, params=items[start : start + 100])
+                self.client.log_batch(self.run_id, params=items[start : start + 100])
         except Exception as err:  # noqa: BLE001
             self._failed("the params", err)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set run tags (values as their str)."""
         if not self.active:
             return
         from mlflow.entities import RunTag
 
         try:
-            self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
         except Exception as err:  # noqa: BLE001
             self._failed("the tags", err)
 
@@ -197,52 +265,58 @@ class TrackedRun:
         ]
         try:
             for start in range(0, len(items), _BATCH):
-                self._client.log_batch(self.run_id, metrics=items[start : start + _BATCH])
+                self.client.log_batch(self.run_id, metrics=items[start : start + _BATCH])
         except Exception as err:  # noqa: BLE001
             first, last = rows[0][0], rows[-1][0]
             self._failed(f"the metrics of steps {first}..{last}", err)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload the file ``path`` into the run's folder ``artifact_path`` (the root when None)."""
         if not self.active:
             return
         try:
-            self._client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
+            self.client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
         except Exception as err:  # noqa: BLE001
             self._failed(f"the artifact {path}", err)
 
-    def log_pytorch_model(
-        self,
-        model: Any,
-        *,
-        name: str = "model",
-        signature: Any = None,
-        pip_requirements: list[str] | None = None,
-        registered_model_name: str | None = None,
-    ) -> str | None:
-        """`mlflow.pytorch.log_model` into this run (pickle format); returns the model URI or None.
+    def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
+        """Upload the files of ``local_dir`` into the run's folder ``artifact_path``."""
+        if not self.active:
+            return
+        try:
+            self.client.log_artifacts(self.run_id, str(local_dir), artifact_path=artifact_path)
+        except Exception as err:  # noqa: BLE001
+            self._failed(f"the artifacts in {local_dir}", err)
 
-        ``pip_requirements`` given explicitly skips MLflow's slow requirement inference (~8 s).
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        """Save a matplotlib (or plotly) figure as the run's artifact ``artifact_file`` (e.g. ``x/y.png``)."""
+        if not self.active:
+            return
+        try:
+            self.client.log_figure(self.run_id, figure, artifact_file)
+        except Exception as err:  # noqa: BLE001
+            self._failed(f"the figure {artifact_file}", err)
+
+    def log_pyfunc_model(self, name: str, **log_model_args: Any) -> ModelInfo | None:
+        """``mlflow.pyfunc.log_model(name=name, **log_model_args)`` into this run; its `ModelInfo` or None.
+
+        Goes through `pipeline.tracking.fluent.log_pyfunc_model`, the project's one use of MLflow's
+        global state. The run's status stays the caller's (set by `finish`). A model that cannot be
+        logged costs the model, not the run: it warns and the run stays on (``strict``: raises).
         """
         if not self.active:
             return None
-        try:
-            import mlflow
-            import mlflow.pytorch
+        from pipeline.tracking import fluent  # imports MLflow (see the module docstring)
 
-            mlflow.set_tracking_uri(self.uri)
-            with mlflow.start_run(run_id=self.run_id):
-                info = mlflow.pytorch.log_model(
-                    model,
-                    name=name,
-                    serialization_format="pickle",
-                    signature=signature,
-                    pip_requirements=pip_requirements,
-                    registered_model_name=registered_model_name,
-                )
-            return str(info.model_uri)
+        assert self.run_id is not None  # active
+        try:
+            return fluent.log_pyfunc_model(self.uri, self.run_id, name=name, **log_model_args)
         except Exception as err:  # noqa: BLE001
-            # A model that cannot be logged costs the model, not the run: metrics and the
-            # final status are still logged.
+            if self.strict:
+                raise TrackingError(
+                    f"MLflow at {self.uri}: the model {name!r} was not logged to run {self.run_id} "
+                    f"({type(err).__name__}: {err})"
+                ) from err
             message = (
                 f"MLflow at {self.uri}: the model {name!r} was not logged to run {self.run_id} "
                 f"({type(err).__name__}: {err}); the run goes on"
@@ -250,19 +324,26 @@ class TrackedRun:
             warnings.warn(message, RuntimeWarning, stacklevel=2)
             log.warning(message)
             return None
-        finally:
-            # start_run(run_id=...) ends by marking the run FINISHED (FAILED when log_model
-            # raised); the run's status stays the caller's, set by finish().
-            try:
-                self._client.update_run(self.run_id, status="RUNNING")
-            except Exception as err:  # noqa: BLE001
-                self._failed(f"the run status after logging the model {name!r}", err)
 
     def finish(self, status: str = "FINISHED") -> None:
         """Mark the run FINISHED (or FAILED / KILLED)."""
         if not self.active:
             return
         try:
-            self._client.set_terminated(self.run_id, status=status)
+            self.client.set_terminated(self.run_id, status=status)
         except Exception as err:  # noqa: BLE001
             self._failed(f"the run status {status}", err)
+
+
+def _experiment_id(client: MlflowClient, name: str) -> str:
+    """The id of experiment ``name``, created when missing (another process may create it meanwhile)."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return str(found.experiment_id)
+    try:
+        return str(client.create_experiment(name))
+    except Exception:  # noqa: BLE001 - created by another process since the lookup
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return str(found.experiment_id)

@@ -9,7 +9,9 @@
 3. trains: `pipeline.train.ray_train.fit` (``RAY_ADDRESS``'s cluster or a local one), or with
    ``use_ray=False`` the same loop in this process (`pipeline.train.sessions.LocalSession`);
 4. writes the model file, the metrics JSON and the loss CSV, and finishes the MLflow run that
-   rank 0 opened (final metrics, the model via ``mlflow.pytorch.log_model``).
+   rank 0 opened: final metrics, the loss CSV and the model file as artifacts (``model_file/``).
+   No MLflow model is logged here: the run's one model is the pyfunc stage evaluate logs
+   (`pipeline.tracking.pyfunc`), and nothing is pickled.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ NAME_NEUTRAL_TRAIN_KEYS = frozenset(
     {"storage_path", "experiment", "log_every", "checkpoint_every", "max_failures", "loader_workers"}
 )
 PLOT_COLUMNS = ("step", "loss", *LOSS_NAMES, "lr")
-PIP_REQUIREMENTS_PACKAGES = ("torch", "torchvision")
+MODEL_FILE_ARTIFACT_DIR = "model_file"  # the run's copy of the model file: model_file/<name>.pt
 
 
 @dataclass(frozen=True)
@@ -177,36 +179,6 @@ def plots_csv(state: dict[str, Any]) -> str:
     return buffer.getvalue()
 
 
-def model_signature() -> Any:
-    """Inputs: one image ``float32 (3, H, W)`` in 0..1; outputs: ``boxes (D, 4)``, ``scores``, ``labels``."""
-    import numpy as np
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
-    return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (3, -1, -1), "image")]),
-        outputs=Schema(
-            [
-                TensorSpec(np.dtype(np.float32), (-1, 4), "boxes"),
-                TensorSpec(np.dtype(np.float32), (-1,), "scores"),
-                TensorSpec(np.dtype(np.int64), (-1,), "labels"),
-            ]
-        ),
-    )
-
-
-def _pip_requirements() -> list[str]:
-    from importlib import metadata
-
-    pins = []
-    for package in PIP_REQUIREMENTS_PACKAGES:
-        try:
-            pins.append(f"{package}=={metadata.version(package).split('+')[0]}")
-        except metadata.PackageNotFoundError:
-            pins.append(package)
-    return pins
-
-
 def write_outputs(
     params: Params,
     job: TrainJob,
@@ -216,7 +188,7 @@ def write_outputs(
     *,
     wall_time_s: float,
 ) -> dict[str, Any]:
-    """Model file, metrics JSON, plots CSV; then the MLflow run's final metrics, model and status."""
+    """Model file, metrics JSON, plots CSV; then the MLflow run's final metrics, artifacts and status."""
     from fpn import build_detector
 
     metrics = summary_metrics(params, state, wall_time_s)
@@ -255,9 +227,7 @@ def write_outputs(
         step=final_step,
     )
     run.log_artifact(outputs.plots)
-    run.log_pytorch_model(
-        model, name="model", signature=model_signature(), pip_requirements=_pip_requirements()
-    )
+    run.log_artifact(outputs.model, MODEL_FILE_ARTIFACT_DIR)
     run.finish("FINISHED")
     metrics_out = dict(metrics)
     metrics_out["mlflow_run_id"] = run_id

@@ -258,11 +258,11 @@ def _search_algorithm(cfg: TuneConfig) -> Any:
 
 def _finish_child_runs(uri: str, experiment: str, sweep: Sweep, rows: list[dict[str, Any]]) -> dict[str, str]:
     """Mark each trial's run FINISHED / KILLED (stopped early) / FAILED; returns trial id -> run id."""
-    from mlflow import MlflowClient
+    from pipeline.tracking.run import mlflow_client
 
     run_ids: dict[str, str] = {}
     try:
-        client = MlflowClient(tracking_uri=uri)
+        client = mlflow_client(uri)
         found = client.get_experiment_by_name(experiment)
         if found is None:
             return run_ids

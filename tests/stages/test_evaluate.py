@@ -130,8 +130,14 @@ def test_evaluate_logs_to_the_training_run_and_registers(
         "evaluation/images",
     } <= artifacts
     assert len(client.list_artifacts(run.info.run_id, "evaluation/images")) == 2
+    assert run.info.status == "FINISHED"
+    # One MLflow model in the run: the pyfunc logged from code, the one the alias points at.
+    models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    (logged,) = [m for m in models if m.source_run_id == train_run.info.run_id]
+    assert logged.name == "fpn_detector"
     version = client.get_model_version_by_alias(name, "champion")
     assert version.version == "1" and version.run_id == train_run.info.run_id
+    assert version.source == f"models:/{logged.model_id}"
     assert version.tags["git_commit"] == "c0ffee" and version.tags["status"] == "champion"
     assert version.tags["data_hash"] == json.loads((synthetic / "manifest.json").read_text())["data_hash"]
     assert float(version.tags["metric.AP"]) == pytest.approx(metrics["AP"], rel=1e-5)

@@ -8,12 +8,12 @@ import sys
 import uuid
 from pathlib import Path
 
-import mlflow
 import pytest
 from PIL import Image
 
-from pipeline.tracking.pyfunc import log_detector
-from pipeline.tracking.registry import register_model, use_tracking
+from pipeline.tracking.pyfunc import MODEL_NAME, log_detector
+from pipeline.tracking.registry import register_model
+from pipeline.tracking.run import TrackedRun, mlflow_client
 from stages import predict
 from tests.detection_samples import read_categories, synthetic_preprocessed, tiny_model_file
 
@@ -60,13 +60,20 @@ def test_predict_from_the_registry_matches_the_file(
 ) -> None:
     model, images = inputs
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    use_tracking()
     name = f"fpn-test-{uuid.uuid4().hex[:8]}"
-    mlflow.set_experiment("predict-tests")
-    with mlflow.start_run():
-        uri = log_detector(model).model_uri
+    run = TrackedRun.open(mlflow_server, "predict-tests", strict=True)
+    info = log_detector(run, model)
+    run.finish()
+    assert info is not None
     register_model(
-        uri, name=name, metrics={"AP": 0.1}, params={}, data_hash=None, val_data_hash="d", git_commit=None
+        mlflow_client(mlflow_server),
+        info.model_uri,
+        name=name,
+        metrics={"AP": 0.1},
+        params={},
+        data_hash=None,
+        val_data_hash="d",
+        git_commit=None,
     )
 
     assert (
@@ -90,10 +97,19 @@ def test_predict_from_the_registry_matches_the_file(
         )
         == 0
     )
+    # The run's pyfunc by name, as a runs:/ URI.
+    by_run = f"runs:/{run.run_id}/{MODEL_NAME}"
+    assert (
+        predict.main(
+            ["--model", by_run, "--out", str(tmp_path / "run"), "--score-thresh", "0.0", *map(str, images)]
+        )
+        == 0
+    )
     from_file = json.loads((tmp_path / "file" / "detections.json").read_text())
     from_registry = json.loads((tmp_path / "reg" / "detections.json").read_text())
+    from_run = json.loads((tmp_path / "run" / "detections.json").read_text())
     assert from_registry["model"] == champion
-    assert from_registry["images"] == from_file["images"]
+    assert from_registry["images"] == from_file["images"] == from_run["images"]
 
 
 def test_bad_model_and_image_get_clear_errors(

@@ -127,5 +127,6 @@ def test_ray_job_submit_killed_and_submitted_again_resumes(
     run = client.get_run(loaded.extra["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.info.run_name == loaded.extra["run_name"]
     assert len(client.search_runs([run.info.experiment_id])) == 1, "the resumed job continued the same run"
-    models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
-    assert any(m.name == "model" and m.source_run_id == run.info.run_id for m in models)
+    # The model file as a plain artifact; no MLflow model (stage evaluate logs the run's one pyfunc).
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "model_file")] == ["model_file/model.pt"]
+    assert client.search_logged_models(experiment_ids=[run.info.experiment_id]) == []

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import time
 import uuid
 from pathlib import Path
 
@@ -16,8 +15,8 @@ from PIL import Image
 from pipeline.inference import predict_images
 from pipeline.model_file import load_model_file
 from pipeline.tracking.pyfunc import OUTPUT_COLUMNS, load_detector, log_detector
-from pipeline.tracking.registry import CHAMPION, TrackingUnavailable, register_model, use_tracking
-from tests.conftest import free_port
+from pipeline.tracking.registry import CHAMPION, register_model
+from pipeline.tracking.run import TrackedRun, check_tracking_uri, mlflow_client
 from tests.detection_samples import synthetic_preprocessed, tiny_model_file
 
 CATEGORIES = [{"label": 1, "id": 2, "name": "circle"}, {"label": 2, "id": 5, "name": "square"}]
@@ -25,8 +24,8 @@ CATEGORIES = [{"label": 1, "id": 2, "name": "circle"}, {"label": 2, "id": 5, "na
 
 @pytest.fixture
 def tracking(mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    return use_tracking()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)  # for mlflow.pyfunc.load_model("models:/...")
+    return check_tracking_uri()
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +35,17 @@ def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
-def logged_model_uri(model_file: Path) -> str:
-    mlflow.set_experiment("registry-tests")
-    with mlflow.start_run():
-        return log_detector(model_file).model_uri
+def logged_model_uri(tracking: str, model_file: Path) -> str:
+    run = TrackedRun.open(tracking, "registry-tests", strict=True)
+    info = log_detector(run, model_file)
+    run.finish()
+    assert info is not None
+    return info.model_uri
 
 
-def register(uri: str, name: str, ap: float, data: str) -> tuple[str, str]:
+def register(tracking: str, uri: str, name: str, ap: float, data: str) -> tuple[str, str]:
     registration = register_model(
+        mlflow_client(tracking),
         uri,
         name=name,
         metrics={"AP": ap, "AP50": 2 * ap},
@@ -57,13 +59,13 @@ def register(uri: str, name: str, ap: float, data: str) -> tuple[str, str]:
 
 @pytest.mark.slow  # two registrations / evaluations through the server: ~15-45 s
 def test_champion_moves_only_on_better_ap_on_the_same_data(tracking: str, model_file: Path) -> None:
-    uri = logged_model_uri(model_file)
+    uri = logged_model_uri(tracking, model_file)
     name = f"fpn-test-{uuid.uuid4().hex[:8]}"
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri=tracking, registry_uri=tracking)
 
-    assert register(uri, name, 0.30, "data-A") == ("1", CHAMPION)
-    assert register(uri, name, 0.20, "data-A") == ("2", "rejected")
-    assert register(uri, name, 0.40, "data-A") == ("3", CHAMPION)
+    assert register(tracking, uri, name, 0.30, "data-A") == ("1", CHAMPION)
+    assert register(tracking, uri, name, 0.20, "data-A") == ("2", "rejected")
+    assert register(tracking, uri, name, 0.40, "data-A") == ("3", CHAMPION)
     assert client.get_model_version_by_alias(name, CHAMPION).version == "3"
 
     v1, v2, v3 = (client.get_model_version(name, str(v)) for v in (1, 2, 3))
@@ -80,14 +82,14 @@ def test_champion_moves_only_on_better_ap_on_the_same_data(tracking: str, model_
     )
 
     # New validation data: APs are not comparable; the first version measured on it takes over ...
-    assert register(uri, name, 0.10, "data-B") == ("4", CHAMPION)
+    assert register(tracking, uri, name, 0.10, "data-B") == ("4", CHAMPION)
     assert "validation data changed" in client.get_model_version(name, "4").tags["decision"]
     # ... a version on the old data must beat the best on ITS data (version 3), not the champion ...
-    assert register(uri, name, 0.35, "data-A") == ("5", "rejected")
+    assert register(tracking, uri, name, 0.35, "data-A") == ("5", "rejected")
     assert client.get_model_version(name, "5").tags["compared_with"] == "version 3 AP 0.4000"
     # ... and on the champion's data the plain comparison applies again.
-    assert register(uri, name, 0.05, "data-B") == ("6", "rejected")
-    assert register(uri, name, 0.20, "data-B") == ("7", CHAMPION)
+    assert register(tracking, uri, name, 0.05, "data-B") == ("6", "rejected")
+    assert register(tracking, uri, name, 0.20, "data-B") == ("7", CHAMPION)
     assert client.get_model_version_by_alias(name, CHAMPION).version == "7"
 
 
@@ -95,13 +97,13 @@ def test_champion_alias_loads_back_with_the_same_detections(
     tracking: str, model_file: Path, tmp_path: Path
 ) -> None:
     name = f"fpn-test-{uuid.uuid4().hex[:8]}"
-    register(logged_model_uri(model_file), name, 0.1, "data-A")
+    register(tracking, logged_model_uri(tracking, model_file), name, 0.1, "data-A")
 
     root = synthetic_preprocessed(tmp_path, images=2)
     files = sorted((root / "val2017" / "images").glob("*.jpg"))
     images = [Image.open(f).convert("RGB") for f in files]
     direct = predict_images(load_model_file(model_file), images)
-    registered = load_detector(f"models:/{name}@{CHAMPION}")
+    registered = load_detector(f"models:/{name}@{CHAMPION}", tracking_uri=tracking)
     assert registered.categories == CATEGORIES and registered.extra == {"git_commit": "abc123"}
     from_registry = predict_images(registered, images)
     for a, b in zip(direct, from_registry, strict=True):
@@ -122,11 +124,3 @@ def test_champion_alias_loads_back_with_the_same_detections(
         (expected,) = predict_images(registered, [decoded])
     np.testing.assert_allclose(first[["x1", "y1", "x2", "y2"]].to_numpy(), expected.boxes, atol=0.01)
     assert set(first.category_id) <= {2, 5}
-
-
-def test_unreachable_tracking_server_fails_fast_naming_it() -> None:
-    uri = f"http://127.0.0.1:{free_port()}"
-    start = time.monotonic()
-    with pytest.raises(TrackingUnavailable, match=f"MLflow tracking server {uri} is unreachable"):
-        use_tracking(uri)
-    assert time.monotonic() - start < 10

@@ -10,7 +10,14 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.provenance import git_commit
-from pipeline.tracking.run import TrackedRun, flatten, tracking_uri
+from pipeline.tracking.run import (
+    TrackedRun,
+    TrackingError,
+    TrackingUnavailable,
+    check_tracking_uri,
+    flatten,
+    tracking_uri,
+)
 from tests.conftest import free_port
 
 
@@ -79,7 +86,7 @@ def test_dead_server_warns_and_carries_on(monkeypatch: pytest.MonkeyPatch) -> No
         warnings.simplefilter("error")  # a disabled run stays silent
         run.log_params({"a": "1"})
         run.log_metrics({"loss": 1.0}, step=1)
-        assert run.log_pytorch_model(object()) is None
+        assert run.log_pyfunc_model("model", python_model="model_code.py") is None
         run.finish()
     assert time.perf_counter() - started < 30, "a dead server must not stall training for minutes"
 
@@ -98,12 +105,11 @@ def test_failure_mid_run_turns_logging_off_with_one_warning(tmp_path: Path) -> N
 
 
 def test_a_model_that_cannot_be_logged_leaves_the_run_running_then_finished(tmp_path: Path) -> None:
-    from mlflow import MlflowClient
-
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run = TrackedRun.open(uri, "exp")
     with pytest.warns(RuntimeWarning, match="the model 'model' was not logged.*the run goes on"):
-        assert run.log_pytorch_model(lambda x: x, pip_requirements=["torch"]) is None
+        missing_code = str(tmp_path / "no_such_model_code.py")
+        assert run.log_pyfunc_model("model", python_model=missing_code, pip_requirements=["torch"]) is None
     client = MlflowClient(tracking_uri=uri)
     assert client.get_run(run.run_id).info.status == "RUNNING"
     run.log_metrics({"loss": 0.5}, step=1)  # still logging
@@ -111,3 +117,19 @@ def test_a_model_that_cannot_be_logged_leaves_the_run_running_then_finished(tmp_
     got = client.get_run(run.run_id)
     assert got.info.status == "FINISHED"
     assert got.data.metrics["loss"] == 0.5
+
+
+def test_strict_run_raises_naming_the_uri_and_what_was_not_logged(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = TrackedRun.open(uri, "exp", strict=True)
+    run.run_id = "does-not-exist"
+    with pytest.raises(TrackingError, match=f"MLflow at {uri} failed while logging the tags"):
+        run.set_tags({"a": "1"})
+
+
+def test_unreachable_tracking_server_fails_fast_naming_it() -> None:
+    uri = f"http://127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    with pytest.raises(TrackingUnavailable, match=f"MLflow tracking server {uri} is unreachable"):
+        check_tracking_uri(uri)
+    assert time.monotonic() - start < 10

@@ -69,8 +69,9 @@ def test_local_run_writes_outputs_tracks_and_resumes_by_name(
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4, 5, 6]
     assert client.get_metric_history(run.info.run_id, "images_per_s")
     assert len(client.get_metric_history(run.info.run_id, "grad_norm")) == 6
-    models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
-    assert [m.name for m in models] == ["model"] and models[0].source_run_id == run.info.run_id
+    # The model file as a plain artifact; no MLflow model (stage evaluate logs the run's one pyfunc).
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "model_file")] == ["model_file/model.pt"]
+    assert client.search_logged_models(experiment_ids=[run.info.experiment_id]) == []
 
     # The same config again: resumes its finished run (no step trained twice, same MLflow run).
     again = train(params, data, out, storage_path=str(tmp_path / "runs"), use_ray=False)
