@@ -7,7 +7,13 @@ new one, never half of one, even when the writer is killed mid-write. Every writ
   atomic), named ``.<name>.<random>.tmp`` for files and ``.<name>.tmp-<random>`` for folders;
 * flushes file contents to disk (``fsync``) before the rename, so a power loss after the
   rename cannot leave an empty file under the final name;
-* removes its temporary on any exception (Ctrl-C included) and re-raises.
+* removes its temporary on any exception (Ctrl-C included) and re-raises;
+* creates the temporary with mode 0666 (files) or 0777 (folders) for the kernel to apply the
+  process umask to (and a folder's default ACL, if any), so an output gets the permissions any
+  program's file would -- 0644 / 0755 under umask 022 -- and other users and cluster nodes
+  can read ``models/model.pt`` or ``data/coco``. `tempfile.mkstemp` / `mkdtemp` would make
+  them 0600 / 0700; letting ``open``/``mkdir`` apply the umask also avoids reading it (there
+  is no race-free ``os.umask`` query).
 
 An output folder replaces only what the same stage wrote before: `atomic_directory(target,
 stage=...)` leaves a marker file (``.fpn-output``, holding the stage's name) in what it
@@ -23,20 +29,45 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import torch
+
+_T = TypeVar("_T")
+# O_BINARY exists (and matters) on Windows only.
+_NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+
+
+def _create_unique(parent: Path, prefix: str, suffix: str, create: Callable[[Path], _T]) -> tuple[Path, _T]:
+    """Call ``create`` on ``parent/<prefix><random><suffix>`` until a name is free; return it and the result.
+
+    ``create`` must raise `FileExistsError` for a taken name (``O_EXCL``, ``mkdir``).
+    """
+    while True:
+        path = parent / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        with contextlib.suppress(FileExistsError):
+            return path, create(path)
+
+
+def _new_file(parent: Path, prefix: str, suffix: str) -> tuple[Path, int]:
+    """A new empty file in ``parent`` (mode 0666 less the umask) and its descriptor, open for writing."""
+    return _create_unique(parent, prefix, suffix, lambda path: os.open(path, _NEW_FILE_FLAGS, 0o666))
+
+
+def _new_folder(parent: Path, prefix: str) -> Path:
+    """A new empty folder in ``parent`` (mode 0777 less the umask)."""
+    return _create_unique(parent, prefix, "", lambda path: path.mkdir(0o777))[0]
 
 
 def _atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
     """Call ``write(handle)`` on a temporary file beside ``path``, fsync it, rename it to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp, fd = _new_file(path.parent, f".{path.name}.", ".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
@@ -44,7 +75,7 @@ def _atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -139,7 +170,7 @@ def atomic_directory(
         check_output_folder(target, stage, force=force, inputs=inputs)
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+    tmp = _new_folder(target.parent, f".{target.name}.tmp-{os.getpid()}-")
     try:
         yield tmp
         if stage is not None:
@@ -149,7 +180,7 @@ def atomic_directory(
         raise
     old: Path | None = None
     if target.exists() or target.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{os.getpid()}-", dir=target.parent))
+        old = _new_folder(target.parent, f".{target.name}.old-{os.getpid()}-")
         os.replace(target, old / target.name)
     os.replace(tmp, target)
     if old is not None:

@@ -3,7 +3,9 @@
 * `serve(root)`: a threaded `http.server` over ``root`` in a background thread, answering
   GET with ``Range: bytes=a-`` / ``a-b`` (206 + ``Content-Range``; 416 past the end). Options
   inject faults: ``drop_first`` cuts the first response for a path after N bytes (the
-  connection closes mid-file), ``ignore_range`` answers every request with the whole file.
+  connection closes mid-file), ``ignore_range`` answers every request with the whole file,
+  ``error_page_first`` answers the first N requests for a path with 200 and `ERROR_PAGE` (an
+  HTML page under the file's name, as a mirror's outage or login page comes).
   ``server.requests`` records ``(path, Range header)`` of each request.
 * `lay_out_like_cocodataset(coco_mini, root)`: zips the shared coco-mini sample the way
   cocodataset.org ships COCO (``annotations/annotations_trainval2017.zip`` holding
@@ -24,6 +26,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 SPLITS = ("train2017", "val2017")
+ERROR_PAGE = (
+    b"<!DOCTYPE html>\n<html><head><title>Service unavailable</title></head>\n"
+    b"<body><h1>Our mirror is down for maintenance</h1></body></html>\n"
+)
 
 
 @dataclass
@@ -36,10 +42,15 @@ class Host:
 
 @contextlib.contextmanager
 def serve(
-    root: Path, *, drop_first: dict[str, int] | None = None, ignore_range: bool = False
+    root: Path,
+    *,
+    drop_first: dict[str, int] | None = None,
+    ignore_range: bool = False,
+    error_page_first: dict[str, int] | None = None,
 ) -> Iterator[Host]:
     """Serve ``root`` on 127.0.0.1 (a free port) until the block ends."""
     drops = dict(drop_first or {})
+    error_pages = dict(error_page_first or {})
     lock = threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
@@ -52,6 +63,12 @@ def serve(
             rel = urllib.parse.unquote(urllib.parse.urlparse(self.path).path).lstrip("/")
             range_header = self.headers.get("Range")
             host.requests.append((rel, range_header))
+            with lock:
+                pages_left = error_pages.get(rel, 0)
+                error_pages[rel] = pages_left - 1
+            if pages_left > 0:
+                self._send_body(ERROR_PAGE, "text/html; charset=utf-8")
+                return
             file = root / rel
             if ".." in rel.split("/") or not file.is_file():
                 self.send_error(404)
@@ -84,6 +101,13 @@ def serve(
                 self.close_connection = True
                 return
             self.wfile.write(body[start : end + 1])
+
+        def _send_body(self, body: bytes, content_type: str) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Type", content_type)
+            self.end_headers()
+            self.wfile.write(body)
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True

@@ -13,9 +13,13 @@ one by one in parallel threads, and the annotation file is rewritten restricted 
 is always needed).
 
 Downloads go to a ``downloads`` folder that survives a failed or interrupted run, so the
-next run resumes (see `pipeline.fetch.download`). Official archives are checked against their
-known sizes and MD5s when fetched from the official host; elsewhere (a mirror, a test
-server) the server's sizes and each member's CRC-32 at extraction are the checks.
+next run resumes (see `pipeline.fetch.download`). Every download, cached or new, must be what
+its name says (`pipeline.fetch.verify`: a structurally whole zip, a JPEG or PNG image) and as
+long as the server announced; a bad copy, such as a mirror's HTML error page, is downloaded
+again once, then reported with its path. Official archives are also checked against their
+known sizes and MD5s when fetched from the official host; elsewhere (a mirror, a test server)
+each member's CRC-32 at extraction is the last check. No checksum list is fetched from the
+host: cocodataset.org publishes none beside its files, so there is no format to follow.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from pipeline.fetch.download import Expected, UnreachableError, download_file, d
 OFFICIAL_BASE_URL = "http://images.cocodataset.org"
 # cocodataset.org's archives: (size in bytes, MD5), as published by dataset loaders that
 # verify them (e.g. cocodataset.org mirrors' md5sum lists); checked on the official host only.
+# The host itself serves no checksum list (no MD5SUMS beside the zips), so none is looked for.
 KNOWN_ARCHIVES: dict[str, Expected] = {
     "annotations/annotations_trainval2017.zip": Expected(252_907_541, "f4bbac642086de4f52a3fdda2de5fa2c"),
     "zips/val2017.zip": Expected(815_585_330, "442b8da7639aecaf257c1dceb8ba8c80"),

@@ -1,11 +1,18 @@
 """Resumable, verified HTTP downloads with the standard library (urllib).
 
 `download_file(url, dest)` streams into ``dest.part`` and renames it to ``dest`` only when
-it is whole, so ``dest`` existing means it was verified. An interrupted download resumes
-from the ``.part`` file with an HTTP ``Range`` request (a server that ignores ``Range``
-answers 200 and the file starts over). Checks, in order: the server's total size against
-the expected size (before any byte is fetched), the bytes received against
-``Content-Length``, then the expected size and MD5 of the whole file.
+it is verified. An interrupted download resumes from the ``.part`` file with an HTTP ``Range``
+request (a server that ignores ``Range`` answers 200 and the file starts over; a ``.part``
+whose first bytes cannot start the file, such as an error page, is not resumed). Checks, in
+order: the server's total size against the expected size (before any byte is fetched), the
+bytes received against ``Content-Length``; then, on the whole file, its size against the size
+the server announced (``Content-Length`` / ``Content-Range`` total), its content against its
+name (`pipeline.fetch.verify`: zip structure, image signature), the expected size and MD5.
+
+A host may answer 200 with an error page under the file's name. So a copy that fails a check
+-- one downloaded now, or a ``dest`` cached by an earlier run (checked again cheaply: content
+and expected size, not the MD5) -- is deleted and downloaded afresh once. If the fresh copy
+fails too, it is kept as ``dest.rejected`` to look at and `DownloadError` says what was wrong.
 
 Transient failures (dropped connection, timeout, HTTP 408/429/5xx) are retried with
 exponential backoff, resuming each time. A host that cannot be reached at all (connection
@@ -18,6 +25,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import http.client
+import logging
 import os
 import re
 import socket
@@ -31,10 +39,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from pipeline.fetch.verify import HEAD_BYTES, content_problem, start_problem
+
+log = logging.getLogger(__name__)
+
 CHUNK_BYTES = 1 << 20
 USER_AGENT = "fpn-pipeline/0.1 (python urllib)"
 _UNREACHABLE_ERRNOS = {errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL}
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+REJECTED_SUFFIX = ".rejected"  # a copy that failed verification twice, kept to look at
 
 
 @dataclass(frozen=True)
@@ -73,18 +86,61 @@ def download_file(
 ) -> Path:
     """Download ``url`` to ``dest`` (resuming ``dest.part``), verify it, return ``dest``.
 
-    An existing ``dest`` is returned as is: it only ever appears by renaming a verified
-    ``.part``. Raises `UnreachableError` at once when the host cannot be reached, and
-    `DownloadError` after ``retries`` failed retries or on a size/checksum mismatch (the
-    bad ``.part`` is then deleted).
+    An existing ``dest`` is returned when it passes the cheap checks (`_cached_problem`);
+    otherwise it is deleted and downloaded again. A downloaded copy that fails verification
+    is deleted and downloaded afresh once, unless it already replaces a bad ``dest``. Raises
+    `UnreachableError` at once when the host cannot be reached, and `DownloadError` after
+    ``retries`` failed retries, when the server offers a size other than the expected one, or
+    when the last copy fails verification (kept as ``dest.rejected``; the message names it).
     """
     dest = Path(dest)
-    if dest.is_file():
-        return dest
     expected = expected or Expected()
+    copies = 2
+    if dest.is_file():
+        problem = _cached_problem(dest, expected)
+        if problem is None:
+            return dest
+        log.warning("%s: %s; downloading it again from %s", dest, problem, url)
+        dest.unlink()
+        copies = 1
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    state = _Transfer(url, part, expected, timeout_s, progress, dest.name)
+    part, rejected = dest.with_name(dest.name + ".part"), dest.with_name(dest.name + REJECTED_SUFFIX)
+    for copy in range(copies):
+        problem = _download(url, part, expected, dest.name, timeout_s, retries, progress)
+        if problem is None:
+            os.replace(part, dest)
+            rejected.unlink(missing_ok=True)  # an earlier run's
+            return dest
+        if copy + 1 < copies:
+            log.warning("%s: the copy downloaded to %s %s; downloading it again", url, dest, problem)
+            part.unlink()
+    os.replace(part, rejected)
+    raise DownloadError(
+        f"{url}: the copy downloaded to {dest} {problem}, after a bad copy was deleted and downloaded "
+        "again. The host does not serve the expected file there: check the URL, or try again later (a "
+        f"mirror's outage, login or quota page comes like this). The copy is kept as {rejected} to look "
+        f"at; delete it, or the folder {dest.parent}, to clear it (a later run downloads afresh anyway)."
+    )
+
+
+def _cached_problem(dest: Path, expected: Expected) -> str | None:
+    """What is wrong with a ``dest`` left by an earlier run: its size if known, its content.
+
+    Not its MD5: that would read the whole file (19 GB for train2017.zip) on every run, and
+    this version checked it before the rename; the cheap checks catch what older versions let
+    through (an error page renamed into place).
+    """
+    size = dest.stat().st_size
+    if expected.size is not None and size != expected.size:
+        return f"has {size} bytes, expected {expected.size}"
+    return content_problem(dest)
+
+
+def _download(
+    url: str, part: Path, expected: Expected, name: str, timeout_s: float, retries: int, progress: bool
+) -> str | None:
+    """Fill ``part`` from ``url`` (resuming it, retrying transient failures); return `_Transfer.problem`."""
+    state = _Transfer(url, part, expected, timeout_s, progress, name)
     try:
         for attempt in range(retries + 1):
             try:
@@ -96,13 +152,14 @@ def download_file(
                 time.sleep(min(0.25 * 2**attempt, 8.0))
     finally:
         state.close()
-    state.verify()
-    os.replace(part, dest)
-    return dest
+    return state.problem()
 
 
 class _Transfer:
-    """One file's download state across attempts: the .part file, its MD5 so far, the bar."""
+    """One file's download state across attempts: the .part file, its MD5 so far, the bar.
+
+    ``name`` is the final file's name (what `pipeline.fetch.verify` judges the content by).
+    """
 
     def __init__(self, url: str, part: Path, expected: Expected, timeout_s: float, progress: bool, name: str):
         self.url, self.part, self.expected, self.timeout_s = url, part, expected, timeout_s
@@ -110,9 +167,10 @@ class _Transfer:
         self.bar: tqdm | None = None
         self.md5: hashlib._Hash | None = None
         self.md5_bytes = 0  # how much of .part the running MD5 covers
+        self.total: int | None = None  # the whole file's size, as the server last announced it
 
     def run(self) -> None:
-        have = self.part.stat().st_size if self.part.exists() else 0
+        have = self._resumable_bytes()
         headers = {"User-Agent": USER_AGENT}
         if have:
             headers["Range"] = f"bytes={have}-"
@@ -143,13 +201,26 @@ class _Transfer:
                 length = response.headers.get("Content-Length")
                 total = int(length) if length is not None else None
             self._check_total(total)
+            self.total = total
             self._stream(response, have, total)
+
+    def _resumable_bytes(self) -> int:
+        """How much of .part to resume from; 0, with .part deleted, when it cannot start the file."""
+        if not self.part.exists():
+            return 0
+        with open(self.part, "rb") as handle:
+            head = handle.read(HEAD_BYTES)
+        if start_problem(self.name, head) is not None:
+            self.part.unlink()
+            return 0
+        return self.part.stat().st_size
 
     def _http_error(self, err: urllib.error.HTTPError, have: int) -> None:
         err.close()
         if err.code == 416 and have:  # nothing left to send: .part may already be whole
             match = re.match(r"bytes \*/(\d+)", err.headers.get("Content-Range", ""))
             if match and int(match.group(1)) == have:
+                self.total = have
                 return
             self.part.unlink(missing_ok=True)
             raise _Transient("HTTP 416 for a partial file; restarting from byte 0")
@@ -208,22 +279,26 @@ class _Transfer:
                     self.md5.update(chunk)
                     self.md5_bytes += len(chunk)
 
-    def verify(self) -> None:
-        size = self.part.stat().st_size if self.part.exists() else 0
+    def problem(self) -> str | None:
+        """What is wrong with the finished .part, or ``None`` when every check passes.
+
+        The answer completes a sentence about the file (``"has 10 bytes, but ..."``).
+        """
+        size = self.part.stat().st_size
+        if self.total is not None and size != self.total:
+            return f"has {size} bytes, but the server announced {self.total}"
+        problem = content_problem(self.part, self.name)
+        if problem is not None:
+            return problem
         if self.expected.size is not None and size != self.expected.size:
-            self.part.unlink(missing_ok=True)
-            raise DownloadError(
-                f"{self.url}: got {size} bytes, expected {self.expected.size} (partial file removed)"
-            )
+            return f"has {size} bytes, expected {self.expected.size}"
         if self.expected.md5 is not None:
             self._prepare_md5(size)
             assert self.md5 is not None
             digest = self.md5.hexdigest()
             if digest != self.expected.md5:
-                self.part.unlink(missing_ok=True)
-                raise DownloadError(
-                    f"{self.url}: MD5 {digest} does not match the known {self.expected.md5} (partial file removed)"
-                )
+                return f"has MD5 {digest}, which does not match the known {self.expected.md5}"
+        return None
 
     def close(self) -> None:
         if self.bar is not None:
@@ -248,7 +323,8 @@ def download_many(
     """Download many small files (``(url, dest)`` pairs) in parallel threads, one bar for all.
 
     Each file gets `download_file`'s resume, retries and verification. Files that already
-    exist are skipped, so a re-run continues where an interrupted one stopped. An
+    exist and pass its cheap checks are skipped, so a re-run continues where an interrupted
+    one stopped. An
     unreachable host stops everything at once; other failures are collected and raised
     together as one `DownloadError` after the rest finished.
     """

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from pipeline.io import OUTPUT_MARKER, OutputError, atomic_directory, atomic_write_json, check_output_folder
+from pipeline.io import (
+    OUTPUT_MARKER,
+    OutputError,
+    atomic_directory,
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    check_output_folder,
+)
 
 
 def test_a_users_folder_is_refused_and_kept(tmp_path: Path) -> None:
@@ -65,3 +74,28 @@ def test_a_killed_writers_temporaries_are_removed_by_the_next(tmp_path: Path) ->
 def test_json_is_written_whole(tmp_path: Path) -> None:
     atomic_write_json(tmp_path / "a" / "b.json", {"x": 1}, indent=2)
     assert (tmp_path / "a" / "b.json").read_text() == '{\n  "x": 1\n}\n'
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.parametrize(
+    ("umask", "file_mode", "folder_mode"), [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)]
+)
+def test_outputs_get_the_usual_permissions_for_the_umask(
+    tmp_path: Path, umask: int, file_mode: int, folder_mode: int
+) -> None:
+    previous = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "metrics.json", "{}")
+        atomic_torch_save({"w": 1}, tmp_path / "models" / "model.pt")
+        with atomic_directory(tmp_path / "coco", stage="fetch") as tmp:
+            (tmp / "val2017").mkdir()
+        with atomic_directory(tmp_path / "coco", stage="fetch") as tmp:  # replacing an existing output
+            (tmp / "val2017").mkdir()
+    finally:
+        os.umask(previous)
+    assert mode(tmp_path / "metrics.json") == mode(tmp_path / "models" / "model.pt") == file_mode
+    assert mode(tmp_path / "coco") == mode(tmp_path / "coco" / "val2017") == folder_mode
+    assert mode(tmp_path / "coco" / OUTPUT_MARKER) == file_mode

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 import yaml
 
 from stages.fetch import main
-from tests.coco_host import lay_out_like_cocodataset, serve
+from tests.coco_host import ERROR_PAGE, lay_out_like_cocodataset, serve
 from tests.conftest import free_port
 
 SPLITS = ("train2017", "val2017")
@@ -127,6 +128,56 @@ def test_interrupted_download_resumes_on_the_next_run(coco_host_root: Path, tmp_
     ) == 1  # kept, not fetched again
     assert len(list((out / "val2017").iterdir())) == 80 and zip_size > 3_000_000
     assert not (tmp_path / "coco.downloads").exists()
+
+
+def test_an_error_page_in_the_downloads_cache_is_downloaded_again(
+    coco_host_root: Path, tmp_path: Path
+) -> None:
+    out, cache = tmp_path / "coco", tmp_path / "cache"
+    cache.mkdir()  # holding what earlier versions renamed into place as if verified:
+    (cache / "annotations_trainval2017.zip").write_bytes(ERROR_PAGE)
+    with serve(coco_host_root) as host:
+        argv = ["--params", params(tmp_path, source="coco", base_url=host.url, max_images=2)]
+        assert main([*argv, "--out", str(out), "--downloads", str(cache)]) == 0
+    assert [p for p, _ in host.requests].count("annotations/annotations_trainval2017.zip") == 1
+    assert zipfile.is_zipfile(cache / "annotations_trainval2017.zip")
+    assert len(list((out / "val2017").iterdir())) == 2
+
+
+def test_an_error_page_served_once_is_downloaded_again_in_the_same_run(
+    coco_host_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "coco"
+    with (
+        serve(coco_host_root, error_page_first={"zips/val2017.zip": 1}) as host,
+        caplog.at_level(logging.WARNING),
+    ):
+        assert main(["--params", params(tmp_path, source="coco", base_url=host.url), "--out", str(out)]) == 0
+    assert [p for p, _ in host.requests].count("zips/val2017.zip") == 2
+    assert "starts with '<!DOCTYPE html' -- an HTML page, not a zip; downloading it again" in caplog.text
+    assert len(list((out / "val2017").iterdir())) == 80
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["coco", "params.yaml"]  # downloads removed
+
+
+def test_a_host_that_always_serves_an_error_page_fails_naming_the_cached_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "host"
+    (root / "annotations").mkdir(parents=True)
+    (root / "annotations" / "annotations_trainval2017.zip").write_bytes(ERROR_PAGE)
+    out, cache = tmp_path / "coco", tmp_path / "cache"
+    with serve(root) as host:
+        argv = ["--params", params(tmp_path, source="coco", base_url=host.url, max_images=2)]
+        assert main([*argv, "--out", str(out), "--downloads", str(cache)]) == 1  # the host, not the input
+    assert [p for p, _ in host.requests] == ["annotations/annotations_trainval2017.zip"] * 2
+    err = capsys.readouterr().err
+    rejected = cache / "annotations_trainval2017.zip.rejected"
+    assert f"error: {host.url}/annotations/annotations_trainval2017.zip: " in err
+    assert f"the copy downloaded to {cache / 'annotations_trainval2017.zip'}" in err
+    assert "starts with '<!DOCTYPE html' -- an HTML page, not a zip" in err
+    assert f"kept as {rejected}" in err and "delete it" in err
+    assert rejected.read_bytes() == ERROR_PAGE
+    assert not (cache / "annotations_trainval2017.zip").exists() and not out.exists()
 
 
 def test_hostile_zip_is_refused_and_leaves_nothing(tmp_path: Path, capsys) -> None:

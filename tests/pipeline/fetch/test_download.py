@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import logging
 import os
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from pipeline.fetch.download import DownloadError, Expected, UnreachableError, download_file, download_many
-from tests.coco_host import serve
+from tests.coco_host import ERROR_PAGE, serve
 from tests.conftest import free_port
 
 SIZE = 300_000
@@ -23,6 +27,12 @@ def served(tmp_path: Path) -> Path:
     (root / "files" / "blob.bin").write_bytes(os.urandom(SIZE))
     for i in range(5):
         (root / "files" / f"small{i}.bin").write_bytes(bytes([i]) * (1000 + i))
+    with zipfile.ZipFile(root / "files" / "pack.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+        for i in range(3):
+            zf.writestr(f"pack/{i}.bin", os.urandom(50_000))
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 24), (200, 30, 30)).save(buffer, format="JPEG")
+    (root / "files" / "photo.jpg").write_bytes(buffer.getvalue())
     return root
 
 
@@ -117,3 +127,73 @@ def test_download_many_collects_failures_and_keeps_the_rest(served: Path, tmp_pa
         seen = len(host.requests)
         download_many(jobs[:5], workers=3, progress=False)  # a re-run skips what is already whole
         assert len(host.requests) == seen
+
+
+def test_an_error_page_served_once_is_downloaded_again(
+    served: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with serve(served, error_page_first={"files/pack.zip": 1}) as host, caplog.at_level(logging.WARNING):
+        dest = download_file(f"{host.url}/files/pack.zip", tmp_path / "pack.zip", progress=False)
+    assert dest.read_bytes() == (served / "files" / "pack.zip").read_bytes()
+    assert host.requests == [("files/pack.zip", None)] * 2
+    assert "starts with '<!DOCTYPE html' -- an HTML page, not a zip; downloading it again" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pack.zip", "www"]  # no .part, no .rejected
+
+
+@pytest.mark.parametrize(
+    ("name", "cached", "problem"),
+    [
+        ("photo.jpg", ERROR_PAGE, "an HTML page, not a JPEG or PNG image"),
+        ("pack.zip", b"", "is empty, not a zip"),
+        ("pack.zip", None, "not a readable zip"),  # None: the real zip cut short
+    ],
+)
+def test_a_bad_cached_file_is_replaced(
+    served: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    name: str,
+    cached: bytes | None,
+    problem: str,
+) -> None:
+    whole = (served / "files" / name).read_bytes()
+    (tmp_path / name).write_bytes(whole[: len(whole) // 2] if cached is None else cached)
+    with serve(served) as host, caplog.at_level(logging.WARNING):
+        dest = download_file(f"{host.url}/files/{name}", tmp_path / name, progress=False)
+    assert dest.read_bytes() == whole
+    assert host.requests == [(f"files/{name}", None)]
+    assert f"{tmp_path / name}: " in caplog.text and problem in caplog.text
+
+
+def test_a_whole_cached_file_is_not_fetched_again(served: Path, tmp_path: Path) -> None:
+    for name in ("pack.zip", "photo.jpg"):
+        (tmp_path / name).write_bytes((served / "files" / name).read_bytes())
+    with serve(served) as host:
+        download_many(
+            [(f"{host.url}/files/{name}", tmp_path / name) for name in ("pack.zip", "photo.jpg")],
+            progress=False,
+        )
+    assert host.requests == []
+
+
+def test_a_part_file_that_cannot_start_the_file_is_not_resumed(served: Path, tmp_path: Path) -> None:
+    (tmp_path / "pack.zip.part").write_bytes(ERROR_PAGE)  # resuming would append the zip's tail to a page
+    with serve(served) as host:
+        dest = download_file(f"{host.url}/files/pack.zip", tmp_path / "pack.zip", progress=False)
+    assert dest.read_bytes() == (served / "files" / "pack.zip").read_bytes()
+    assert host.requests == [("files/pack.zip", None)]
+
+
+def test_an_error_page_twice_fails_naming_the_url_and_the_copy(served: Path, tmp_path: Path) -> None:
+    (served / "files" / "photo.jpg").write_bytes(ERROR_PAGE)
+    with serve(served) as host, pytest.raises(DownloadError) as failure:
+        download_many([(f"{host.url}/files/photo.jpg", tmp_path / "photo.jpg")], retries=0, progress=False)
+    message = str(failure.value)
+    assert (
+        f"{host.url}/files/photo.jpg: the copy downloaded to {tmp_path / 'photo.jpg'} starts with" in message
+    )
+    assert "'<!DOCTYPE html' -- an HTML page, not a JPEG or PNG image" in message
+    assert f"kept as {tmp_path / 'photo.jpg.rejected'}" in message
+    assert (tmp_path / "photo.jpg.rejected").read_bytes() == ERROR_PAGE
+    assert not (tmp_path / "photo.jpg").exists() and not (tmp_path / "photo.jpg.part").exists()
+    assert len(host.requests) == 2
