@@ -42,11 +42,22 @@ def _read_json(path: Path) -> Any:
         raise DatasetError(f"{path}: not valid JSON ({err})") from None
 
 
+# What every reader of an index needs of each image record (training reads boxes and labels too).
+INDEX_IMAGE_KEYS = ("image_id", "file", "scale_x", "scale_y")
+
+
 def read_index(root: str | Path, split: str) -> dict[str, Any]:
     """``<root>/<split>/index.json``: ``{"split", "annotation_file", "images": [record, ...]}``."""
-    index = _read_json(Path(root) / split / "index.json")
+    path = Path(root) / split / "index.json"
+    index = _read_json(path)
     if not isinstance(index, dict) or not isinstance(index.get("images"), list):
-        raise DatasetError(f"{Path(root) / split / 'index.json'}: expected an object with an 'images' list")
+        raise DatasetError(f"{path}: expected an object with an 'images' list")
+    if "annotation_file" not in index:
+        raise DatasetError(f"{path}: missing key 'annotation_file'")
+    for i, entry in enumerate(index["images"]):
+        for key in INDEX_IMAGE_KEYS:
+            if key not in entry:
+                raise DatasetError(f"{path}: images[{i}] lacks {key!r}")
     return index
 
 

@@ -114,20 +114,6 @@ def detect(
     return detections, seconds
 
 
-def read_index(data_root: str | Path, split: str) -> dict[str, Any]:
-    """`pipeline.dataset.read_index`, checked for the keys evaluation needs (``annotation_file``,
-    and per image ``image_id``, ``file``, ``scale_x``, ``scale_y``)."""
-    path = Path(data_root) / split / "index.json"
-    index = dataset.read_index(data_root, split)
-    if "annotation_file" not in index:
-        raise InferenceError(f"{path}: missing key 'annotation_file'")
-    for i, entry in enumerate(index["images"]):
-        for key in ("image_id", "file", "scale_x", "scale_y"):
-            if key not in entry:
-                raise InferenceError(f"{path}: images[{i}] lacks {key!r}")
-    return index
-
-
 def to_original_frame(det: ImageDetections, image_id: int, scale_x: float, scale_y: float) -> ImageDetections:
     """Divide x by ``scale_x`` and y by ``scale_y`` (resized frame -> original image pixels)."""
     scale = np.array([scale_x, scale_y, scale_x, scale_y], dtype=np.float32)
@@ -223,7 +209,7 @@ def predict_split(
     if batch_size < 1:
         raise InferenceError(f"evaluate.batch_size must be >= 1, got {batch_size}")
     model_file, split_dir = Path(model_file), Path(data_root) / split
-    entries = read_index(data_root, split)["images"][:limit]
+    entries = dataset.read_index(data_root, split)["images"][:limit]
     start = time.perf_counter()
     if num_workers > 0:
         detections, model_seconds, device = _predict_on_ray(

@@ -40,7 +40,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from pipeline.config import Params
-from pipeline.dataset import read_categories, read_data_hash
+from pipeline.dataset import read_categories, read_data_hash, read_index
 from pipeline.evaluate.coco_eval import (
     DetectionEvaluation,
     EvaluationError,
@@ -56,7 +56,6 @@ from pipeline.inference import (
     label_to_category,
     predict_split,
     proposal_results,
-    read_index,
 )
 from pipeline.io import atomic_directory, atomic_write_text, check_output_folder
 from pipeline.model_file import LoadedModel, load_model_file
@@ -91,7 +90,7 @@ def file_sha256(*paths: Path) -> str:
     return digest.hexdigest()
 
 
-def check_categories(
+def check_same_categories(
     model_categories: list[dict[str, Any]], data_categories: list[dict[str, Any]], *, model: Path, data: Path
 ) -> None:
     """The model's label -> COCO id mapping must be the data's, or every detection is mislabelled."""
@@ -343,7 +342,7 @@ def run_evaluate(
     index = read_index(data_root, split)
     categories = read_categories(data_root)
     data_hash = read_data_hash(data_root)
-    check_categories(loaded.categories, categories, model=model_path, data=data_root)
+    check_same_categories(loaded.categories, categories, model=model_path, data=data_root)
 
     gt = load_ground_truth(index["annotation_file"])
     image_ids = [int(entry["image_id"]) for entry in index["images"]]

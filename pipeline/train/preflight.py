@@ -43,7 +43,7 @@ def _check_init_weights(params: Params) -> None:
         )
 
 
-def check_categories(params: Params, categories: list[dict], where: str) -> None:
+def check_num_classes(params: Params, categories: list[dict], where: str) -> None:
     """``model.num_classes`` must equal the number of categories the data has."""
     if params.model.num_classes != len(categories):
         raise ConfigError(

@@ -39,7 +39,7 @@ from pipeline.tracking.run import TrackedRun, flatten, tracking_uri
 from pipeline.train.checkpoint import Progress, history_rows
 from pipeline.train.init_weights import resolve_init_weights
 from pipeline.train.loop import LOSS_NAMES, TrainJob, train_worker
-from pipeline.train.preflight import check_categories, check_train_params
+from pipeline.train.preflight import check_num_classes, check_train_params
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def train(
     check_train_params(params)
     data_root = Path(data_root).resolve()
     categories = read_categories(data_root)
-    check_categories(params, categories, f"{data_root / 'categories.json'}")
+    check_num_classes(params, categories, f"{data_root / 'categories.json'}")
     data_hash = read_data_hash(data_root)
     name = run_name(params, data_hash)
     storage = resolve_storage(storage_path, params)

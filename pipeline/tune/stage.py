@@ -61,7 +61,7 @@ from pipeline.tracking.server import serve_sqlite
 from pipeline.train.checkpoint import history_rows, load_checkpoint
 from pipeline.train.init_weights import resolve_init_weights
 from pipeline.train.loop import TrainJob
-from pipeline.train.preflight import check_categories, check_train_params
+from pipeline.train.preflight import check_num_classes, check_train_params
 from pipeline.train.ray_train import build_trainer
 from pipeline.tune.holdout import HoldoutSet
 from pipeline.tune.results import (
@@ -325,7 +325,7 @@ def tune_sweep(
     space = parse_space(cfg.space, raw_params)
     check_train_params(params)
     data_root = Path(data_root).resolve()
-    check_categories(params, read_categories(data_root), f"{data_root / 'categories.json'}")
+    check_num_classes(params, read_categories(data_root), f"{data_root / 'categories.json'}")
     data_hash = read_data_hash(data_root)
     if not (data_root / params.data.val_split / "index.json").is_file():
         raise ConfigError(

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.dataset import DatasetError
+from pipeline.dataset import DatasetError, read_index
 from pipeline.inference import (
     ImageDetections,
     InferenceError,
@@ -17,7 +17,6 @@ from pipeline.inference import (
     image_to_tensor,
     predict_split,
     proposal_results,
-    read_index,
     to_original_frame,
 )
 from tests.detection_compare import assert_same_detections
@@ -69,7 +68,7 @@ def test_read_index_names_the_file(tmp_path: Path) -> None:
     (tmp_path / "val2017" / "index.json").write_text(
         json.dumps({"annotation_file": "x", "images": [{"image_id": 1}]})
     )
-    with pytest.raises(InferenceError, match=r"images\[0\] lacks 'file'"):
+    with pytest.raises(DatasetError, match=r"images\[0\] lacks 'file'"):
         read_index(tmp_path, "val2017")
 
 

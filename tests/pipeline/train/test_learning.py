@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import params_from_dict
-from pipeline.dataset import read_categories
+from pipeline.dataset import read_categories, read_index
 from pipeline.evaluate.coco_eval import coco_metrics
-from pipeline.inference import coco_results, predict_split, read_index
+from pipeline.inference import coco_results, predict_split
 from pipeline.train.stage import TrainOutputs, train
 from tests.train_samples import tiny_data, tiny_params
 

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.cluster import check_fits
 from pipeline.config import ConfigError, params_from_dict
-from pipeline.train.preflight import check_categories, check_train_params
+from pipeline.train.preflight import check_num_classes, check_train_params
 
 
 def params(**train: object):
@@ -55,7 +55,7 @@ def test_good_params_pass(tmp_path: Path) -> None:
 def test_num_classes_must_match_the_data() -> None:
     cats = [{"label": 1, "id": 2, "name": "circle"}, {"label": 2, "id": 5, "name": "square"}]
     with pytest.raises(ConfigError, match=r"model.num_classes: 3, but data/categories.json has 2"):
-        check_categories(params(), cats, "data/categories.json")
+        check_num_classes(params(), cats, "data/categories.json")
 
 
 def test_cluster_must_fit_the_request() -> None:
