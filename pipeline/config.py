@@ -80,6 +80,10 @@ class PreprocessConfig:
 
 
 AMP_MODES = ("bf16", "fp16", "off")
+# Keys that were params once and are paths now, given on the stage's command line in dvc.yaml.
+MOVED_TO_COMMAND_LINE = {
+    "TrainConfig.storage_path": "give it as --storage-path on the train stage's command line (dvc.yaml)",
+}
 
 
 @dataclass(frozen=True)
@@ -106,7 +110,6 @@ class TrainConfig:
     max_failures: int = 2
     log_every: int = 20
     seed: int = 0
-    storage_path: str | None = None  # Ray Train storage (shared storage or s3:// on a cluster)
     experiment: str = "fpn"  # MLflow experiment
     threads: int = 0  # torch threads per worker; 0 = the worker's CPUs (Ray) or torch's default
     flush_denormal: bool = True  # CPU: flush denormal floats (a from-scratch detector slows ~3x without)
@@ -354,6 +357,9 @@ def _section(cls: type, values: Any, where: str) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     for key in values:
         if key not in known:
+            moved = MOVED_TO_COMMAND_LINE.get(f"{cls.__name__}.{key}")
+            if moved:
+                raise ConfigError(f"{where}.{key}: a path, not a param: {moved}")
             raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(sorted(known))})")
     typed = {key: _check_type(value, hints[key], f"{where}.{key}") for key, value in values.items()}
     try:

@@ -5,7 +5,7 @@ Run (dvc.yaml does this; paths are arguments, settings come from params.yaml ``t
 
     python -m stages.train --params params.yaml --data data/preprocessed \\
         --model-out models/model.pt --metrics metrics/train.json --plots plots/train_loss.csv \\
-        [--storage-path runs/ray] [--no-ray] [--status-dir DIR]
+        --storage-path runs/ray [--no-ray] [--status-dir DIR]
 
 * Ray: joins the cluster named by ``RAY_ADDRESS`` (``ray job submit`` sets it), else starts a
   local one. ``train.num_workers`` workers with ``train.cpus_per_worker`` CPUs each; with
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics", required=True, help="metrics JSON to write (metrics/train.json)")
     parser.add_argument("--plots", required=True, help="loss CSV to write (plots/train_loss.csv)")
     parser.add_argument(
-        "--storage-path", default=None, help="Ray Train storage (default: train.storage_path, else runs/ray)"
+        "--storage-path", required=True, help="Ray Train storage: a folder every node sees, or s3://bucket/path"
     )
     parser.add_argument("--no-ray", action="store_true", help="run the loop in this process, without Ray")
     parser.add_argument("--status-dir", default=None, help="each worker writes rank<k>.json here")

@@ -4,7 +4,7 @@ Run (dvc.yaml does this; settings come from params.yaml ``tune:``, and the ``tra
 values each trial starts from)::
 
     python -m stages.tune --params params.yaml --data data/preprocessed \\
-        --best-params params/best.yaml --results reports/tune.csv [--storage-path runs/tune]
+        --best-params params/best.yaml --results reports/tune.csv --storage-path runs/tune
 
 * The space is ``tune.space``: ``section.key`` of ``train:`` or ``model:`` -> ``{type:
   loguniform|uniform|randint|choice, ...}`` (see `pipeline.tune.search_space`); it is checked against
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--best-params", required=True, help="params file to write the best values to")
     parser.add_argument("--results", required=True, help="CSV to write, one row per trial")
     parser.add_argument(
-        "--storage-path", default=None, help="Ray Tune/Train storage of the trials (default: runs/tune)"
+        "--storage-path", required=True, help="Ray Tune/Train storage of the trials: a shared folder or s3:// URI"
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

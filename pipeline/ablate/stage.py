@@ -286,7 +286,7 @@ def run_ablation(
     data_root, work = Path(data_root).resolve(), Path(work).resolve()
     data_hash = read_data_hash(data_root)
     variants = plan_variants(params, data_hash)
-    storage = resolve_storage(str(work / "ray"), params)
+    storage = resolve_storage(str(work / "ray"))
     parallel = min(params.ablate.parallel, len(variants)) if use_ray else 1
     if params.ablate.parallel > 1 and not use_ray:
         log.warning("ablate.parallel=%d ignored without Ray: one variant at a time", params.ablate.parallel)

@@ -34,7 +34,7 @@ from pipeline.cluster import check_fits
 from pipeline.config import Params
 from pipeline.io import atomic_write_text
 from pipeline.model_file import save_model_file
-from pipeline.provenance import git_commit, project_root
+from pipeline.provenance import git_commit
 from pipeline.tracking.run import TrackedRun, flatten, tracking_uri
 from pipeline.train.checkpoint import Progress, history_rows
 from pipeline.train.init_weights import resolve_init_weights
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 # train: keys that do not change what is learned (where things go, how often to log, how many
 # retries, data-loading processes): left out of the run's name so changing them resumes.
 NAME_NEUTRAL_TRAIN_KEYS = frozenset(
-    {"storage_path", "experiment", "log_every", "checkpoint_every", "max_failures", "loader_workers"}
+    {"experiment", "log_every", "checkpoint_every", "max_failures", "loader_workers"}
 )
 PLOT_COLUMNS = ("step", "loss", *LOSS_NAMES, "lr")
 MODEL_FILE_ARTIFACT_DIR = "model_file"  # the run's copy of the model file: model_file/<name>.pt
@@ -69,15 +69,11 @@ def run_name(params: Params, data_hash: str) -> str:
     return f"fpn-{digest[:12]}"
 
 
-def resolve_storage(storage_path: str | None, params: Params) -> str:
-    """Ray Train storage: the command line's, else ``train.storage_path``, else ``<project>/runs/ray``.
-
-    Local paths become absolute (Ray needs that); URIs (``s3://...``) pass through.
-    """
-    chosen = storage_path or params.train.storage_path or str(project_root() / "runs" / "ray")
-    if "://" in chosen:
-        return chosen
-    return str(Path(chosen).expanduser().resolve())
+def resolve_storage(storage_path: str) -> str:
+    """Ray storage as Ray wants it: local paths absolute; URIs (``s3://bucket/runs``) unchanged."""
+    if "://" in storage_path:
+        return storage_path
+    return str(Path(storage_path).expanduser().resolve())
 
 
 def train(
@@ -85,7 +81,7 @@ def train(
     data_root: str | Path,
     outputs: TrainOutputs,
     *,
-    storage_path: str | None = None,
+    storage_path: str,
     use_ray: bool = True,
     status_dir: str | Path | None = None,
 ) -> dict[str, Any]:
@@ -99,7 +95,7 @@ def train(
     check_num_classes(params, categories, f"{data_root / 'categories.json'}")
     data_hash = read_data_hash(data_root)
     name = run_name(params, data_hash)
-    storage = resolve_storage(storage_path, params)
+    storage = resolve_storage(storage_path)
     uri = tracking_uri()
     job = TrainJob(
         params=params,

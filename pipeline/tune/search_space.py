@@ -52,7 +52,6 @@ FIXED_KEYS: dict[str, str] = {
     "train.num_workers": "every trial runs on the same resources (tune.max_concurrent_trials sizes the sweep)",
     "train.cpus_per_worker": "every trial runs on the same resources",
     "train.use_gpu": "every trial runs on the same resources",
-    "train.storage_path": "stage tune's --storage-path says where trials go",
     "train.experiment": "trials are child runs of the sweep's run in train.experiment",
     "train.max_failures": "it changes no result",
     "train.loader_workers": "it changes no result",

@@ -63,6 +63,7 @@ from pipeline.train.init_weights import resolve_init_weights
 from pipeline.train.loop import TrainJob
 from pipeline.train.preflight import check_num_classes, check_train_params
 from pipeline.train.ray_train import build_trainer
+from pipeline.train.stage import resolve_storage
 from pipeline.tune.holdout import HoldoutSet
 from pipeline.tune.results import (
     TuneError,
@@ -316,7 +317,7 @@ def tune_sweep(
     data_root: str | Path,
     outputs: TuneOutputs,
     *,
-    storage_path: str | None = None,
+    storage_path: str,
 ) -> dict[str, Any]:
     """Run the sweep, write ``outputs``; returns a summary (best trial, counts, times, MLflow parent run)."""
     started = time.perf_counter()
@@ -332,7 +333,7 @@ def tune_sweep(
             f"data.val_split: {data_root / params.data.val_split / 'index.json'} not found: "
             "the held-out images come from the validation split"
         )
-    storage = str(Path(storage_path or project_root() / "runs" / "tune").expanduser().resolve())
+    storage = resolve_storage(storage_path)
     name = sweep_name(params, data_hash)
 
     where = cluster.connect()

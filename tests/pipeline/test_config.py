@@ -74,3 +74,10 @@ def test_values_are_checked_when_read_and_an_empty_file_is_an_error(tmp_path: Pa
     params.write_text("evaluate:\n  draw_score_thresh: 2\n")
     with pytest.raises(ConfigError, match=r"params\.yaml: evaluate\.draw_score_thresh: must be in \[0, 1\]"):
         load_params(params)
+
+
+def test_a_path_that_was_a_param_says_where_it_went(tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  storage_path: runs/ray\n")
+    with pytest.raises(ConfigError, match=r"train\.storage_path: a path, not a param: give it as --storage-path"):
+        load_params(params)

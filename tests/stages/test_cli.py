@@ -7,45 +7,14 @@ from pathlib import Path
 
 import pytest
 
-ARGS = {
-    "fetch": ["--out", "{tmp}/coco"],
-    "preprocess": ["--coco", "{tmp}/coco", "--out", "{tmp}/pre"],
-    "train": [
-        "--data",
-        "{tmp}/pre",
-        "--model-out",
-        "{tmp}/m.pt",
-        "--metrics",
-        "{tmp}/t.json",
-        "--plots",
-        "{tmp}/t.csv",
-    ],
-    "evaluate": [
-        "--model",
-        "{tmp}/m.pt",
-        "--data",
-        "{tmp}/pre",
-        "--metrics",
-        "{tmp}/e.json",
-        "--plots",
-        "{tmp}/e.csv",
-        "--images",
-        "{tmp}/pictures",
-    ],
-    "profile": ["--model", "{tmp}/m.pt", "--metrics", "{tmp}/p.json", "--plots", "{tmp}/p.csv"],
-    "tune": ["--data", "{tmp}/pre", "--best-params", "{tmp}/best.yaml", "--results", "{tmp}/tune.csv"],
-    "ablate": [
-        "--data",
-        "{tmp}/pre",
-        "--table",
-        "{tmp}/a.md",
-        "--metrics",
-        "{tmp}/a.json",
-        "--plots",
-        "{tmp}/a.csv",
-        "--work",
-        "{tmp}/work",
-    ],
+ARGS = {  # every required path, under the test's folder ({tmp})
+    "fetch": "--out {tmp}/coco",
+    "preprocess": "--coco {tmp}/coco --out {tmp}/pre",
+    "train": "--data {tmp}/pre --model-out {tmp}/m.pt --metrics {tmp}/t.json --plots {tmp}/t.csv --storage-path {tmp}/runs",
+    "evaluate": "--model {tmp}/m.pt --data {tmp}/pre --metrics {tmp}/e.json --plots {tmp}/e.csv --images {tmp}/pictures",
+    "profile": "--model {tmp}/m.pt --metrics {tmp}/p.json --plots {tmp}/p.csv",
+    "tune": "--data {tmp}/pre --best-params {tmp}/best.yaml --results {tmp}/tune.csv --storage-path {tmp}/runs",
+    "ablate": "--data {tmp}/pre --table {tmp}/a.md --metrics {tmp}/a.json --plots {tmp}/a.csv --work {tmp}/work",
 }
 
 
@@ -55,7 +24,7 @@ def test_a_mistyped_key_exits_2_with_one_line(
 ) -> None:
     params = tmp_path / "params.yaml"
     params.write_text("train:\n  lrr: 0.1\n")
-    argv = ["--params", str(params), *(a.format(tmp=tmp_path) for a in ARGS[stage])]
+    argv = ["--params", str(params), *ARGS[stage].format(tmp=tmp_path).split()]
     code = importlib.import_module(f"stages.{stage}").main(argv)
     err = capsys.readouterr().err
     assert code == 2, err
