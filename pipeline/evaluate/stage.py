@@ -224,7 +224,8 @@ def log_results(
     run.log_artifact(plots_path, "evaluation")
     run.log_figure(pr_curve_figure(det_eval), "evaluation/pr_curve.png")
     outcome.logged.append("PR curve")
-    run.log_artifacts(images_dir, "evaluation/images")
+    for picture in sorted(images_dir.glob("*.jpg")):  # the pictures, not the folder's output marker
+        run.log_artifact(picture, "evaluation/images")
     outcome.logged.append("pictures")
 
 
@@ -320,6 +321,26 @@ def publish_to_mlflow(
     run.finish("FINISHED")
 
 
+def _ground_truth_for(index: dict[str, Any], index_path: Path) -> tuple[Any, list[int]]:
+    """The annotation file the index names (a pycocotools ``COCO``) and the split's image ids in it."""
+    gt = load_ground_truth(index["annotation_file"])
+    image_ids = [int(entry["image_id"]) for entry in index["images"]]
+    unknown = sorted(set(image_ids) - set(gt.getImgIds()))
+    if unknown:
+        raise EvaluationError(f"{index_path}: image id(s) {unknown[:10]} are not in {index['annotation_file']}")
+    return gt, image_ids
+
+
+def _tracking_error(cfg: Any, outcome: EvaluationOutcome, files: list[Path], err: Exception) -> str:
+    """What MLflow did not get, for the stage's one error line (the files were written)."""
+    steps = ("metrics", "PR curve", "pictures", "model", "registry")
+    missing = [step for step in steps if step not in outcome.logged]
+    return (
+        f"MLflow: not logged: {', '.join(missing)} (model not registered as {cfg.registered_model!r}); "
+        f"the files {', '.join(str(f) for f in files)} were written. Cause: {type(err).__name__}: {err}"
+    )
+
+
 def run_evaluate(
     params: Params,
     *,
@@ -336,21 +357,13 @@ def run_evaluate(
     model_path, data_root = Path(model_path), Path(data_root)
     metrics_path, plots_path, images_dir = Path(metrics_path), Path(plots_path), Path(images_dir)
     check_output_folder(images_dir, "evaluate", force=force, inputs=[data_root, model_path])  # before any work
-    cfg = params.evaluate
-    split = params.data.val_split
+    cfg, split = params.evaluate, params.data.val_split
     loaded = load_model_file(model_path)
     index = read_index(data_root, split)
     categories = read_categories(data_root)
     data_hash = read_data_hash(data_root)
     check_same_categories(loaded.categories, categories, model=model_path, data=data_root)
-
-    gt = load_ground_truth(index["annotation_file"])
-    image_ids = [int(entry["image_id"]) for entry in index["images"]]
-    unknown = sorted(set(image_ids) - set(gt.getImgIds()))
-    if unknown:
-        raise EvaluationError(
-            f"{data_root / split / 'index.json'}: image id(s) {unknown[:10]} are not in {index['annotation_file']}"
-        )
+    gt, image_ids = _ground_truth_for(index, data_root / split / "index.json")
 
     run = predict_split(
         model_path, data_root, split, batch_size=cfg.batch_size, num_workers=cfg.num_workers, loaded=loaded
@@ -366,42 +379,19 @@ def run_evaluate(
     atomic_write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
     write_pr_curve(plots_path, det_eval)
     by_id = {det.image_id: det for det in run.detections}
-    write_pictures(
-        images_dir,
-        data_root / split,
-        index["images"][: cfg.num_pictures],
-        by_id,
-        categories,
-        score_thresh=cfg.draw_score_thresh,
-    )
+    pictured = index["images"][: cfg.num_pictures]
+    write_pictures(images_dir, data_root / split, pictured, by_id, categories, score_thresh=cfg.draw_score_thresh)
     outcome = EvaluationOutcome(metrics=metrics)
     if not track:
         return outcome
-
-    val_data_hash = file_sha256(data_root / split / "index.json", data_root / "categories.json")
     try:
         publish_to_mlflow(
-            params,
-            loaded,
-            model_path=model_path,
-            metrics=metrics,
-            det_eval=det_eval,
-            metrics_path=metrics_path,
-            plots_path=plots_path,
-            images_dir=images_dir,
+            params, loaded, model_path=model_path, metrics=metrics, det_eval=det_eval,
+            metrics_path=metrics_path, plots_path=plots_path, images_dir=images_dir,
             data_hash=data_hash,
-            val_data_hash=val_data_hash,
+            val_data_hash=file_sha256(data_root / split / "index.json", data_root / "categories.json"),
             outcome=outcome,
-        )
+        )  # fmt: skip
     except Exception as err:  # noqa: BLE001 - the files are written; report what MLflow did not get
-        missing = [
-            step
-            for step in ("metrics", "PR curve", "pictures", "model", "registry")
-            if step not in outcome.logged
-        ]
-        outcome.tracking_error = (
-            f"MLflow: not logged: {', '.join(missing)} (model not registered as "
-            f"{cfg.registered_model!r}); the files {metrics_path}, {plots_path}, {images_dir} were written. "
-            f"Cause: {type(err).__name__}: {err}"
-        )
+        outcome.tracking_error = _tracking_error(cfg, outcome, [metrics_path, plots_path, images_dir], err)
     return outcome

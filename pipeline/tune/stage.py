@@ -312,75 +312,68 @@ def _tuner(sweep: Sweep, storage: str, ledger: TrialLedger) -> Any:
     )
 
 
-def tune_sweep(
-    raw_params: dict[str, Any],
-    data_root: str | Path,
-    outputs: TuneOutputs,
-    *,
-    storage_path: str,
-) -> dict[str, Any]:
-    """Run the sweep, write ``outputs``; returns a summary (best trial, counts, times, MLflow parent run)."""
-    started = time.perf_counter()
-    params = params_from_dict(raw_params, where="params")
-    cfg = params.tune
-    space = parse_space(cfg.space, raw_params)
+def _check_sweep_inputs(params: Params, raw_params: dict[str, Any], data_root: Path) -> tuple[SearchSpace, str]:
+    """The search space and the data hash; `ConfigError` naming the key or file first."""
+    space = parse_space(params.tune.space, raw_params)
     check_train_params(params)
-    data_root = Path(data_root).resolve()
     check_num_classes(params, read_categories(data_root), f"{data_root / 'categories.json'}")
-    data_hash = read_data_hash(data_root)
     if not (data_root / params.data.val_split / "index.json").is_file():
         raise ConfigError(
             f"data.val_split: {data_root / params.data.val_split / 'index.json'} not found: "
             "the held-out images come from the validation split"
         )
-    storage = resolve_storage(storage_path)
-    name = sweep_name(params, data_hash)
+    return space, read_data_hash(data_root)
 
-    where = cluster.connect()
-    check_fits(params, cluster.resources(), where, runs=params.tune.max_concurrent_trials,
-               runs_key="tune.max_concurrent_trials")  # fmt: skip
 
-    uri = tracking_uri()
-    experiment = params.train.experiment
-    parent = TrackedRun.open(uri, experiment, run_name=name, tags={SWEEP_TAG: name, "data_hash": data_hash})
+def _open_parent_run(params: Params, space: SearchSpace, name: str, data_hash: str) -> TrackedRun:
+    """The sweep's MLflow run (trials are its children), with the sweep settings as params."""
+    parent = TrackedRun.open(
+        tracking_uri(), params.train.experiment, run_name=name, tags={SWEEP_TAG: name, "data_hash": data_hash}
+    )
     parent.log_params(
         flatten({"tune": {k: v for k, v in params.to_dict()["tune"].items() if k != "space"}})
         | {f"tune.space.{d.key}": d.describe() for d in space.dimensions}
     )
-    log.info("sweep %s: %d trials over %s on %s", name, cfg.num_samples, ", ".join(space.keys), where)
-    try:
-        # Trials write to MLflow side by side: a SQLite store gets one server that owns it.
-        with serve_sqlite(uri, artifact_root=project_root() / "mlruns") as trial_uri:
-            sweep = Sweep(
-                name=name,
-                raw_params=raw_params,
-                space=space,
-                tune=cfg,
-                data_root=str(data_root),
-                data_hash=data_hash,
-                git_commit=git_commit(),
-                tracking_uri=trial_uri if parent.run_id else None,
-                parent_run_id=parent.run_id,
-                train_storage=str(Path(storage) / name / "train"),
-                init_weights_file=resolve_init_weights(params),
-            )
-            ledger = TrialLedger()
-            _tuner(sweep, storage, ledger).fit()
-            rows = trial_rows(ledger.trials, space, cfg)
-            run_ids = _finish_child_runs(trial_uri, experiment, sweep, rows) if parent.run_id else {}
-        for row in rows:
-            row["mlflow_run_id"] = run_ids.get(row["trial_id"], "")
-        if not rows:
-            raise TuneError(f"sweep {name}: Tune ran no trial")
-        best = best_row(rows, cfg)
-    except BaseException as err:
-        parent.set_tags({"error": f"{type(err).__name__}: {err}"[:5000]})
-        parent.finish("FAILED")
-        raise
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
+    return parent
 
+
+def _run_trials(
+    params: Params, raw_params: dict[str, Any], space: SearchSpace, *, name: str, data_root: Path,
+    data_hash: str, parent: TrackedRun, storage: str,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Run every trial (one MLflow server owns a SQLite store meanwhile); one row per trial."""
+    with serve_sqlite(parent.uri, artifact_root=project_root() / "mlruns") as trial_uri:
+        sweep = Sweep(
+            name=name,
+            raw_params=raw_params,
+            space=space,
+            tune=params.tune,
+            data_root=str(data_root),
+            data_hash=data_hash,
+            git_commit=git_commit(),
+            tracking_uri=trial_uri if parent.run_id else None,
+            parent_run_id=parent.run_id,
+            train_storage=f"{storage.rstrip('/')}/{name}/train",
+            init_weights_file=resolve_init_weights(params),
+        )
+        ledger = TrialLedger()
+        _tuner(sweep, storage, ledger).fit()
+        rows = trial_rows(ledger.trials, sweep.space, params.tune)
+        experiment = params.train.experiment
+        run_ids = _finish_child_runs(trial_uri, experiment, sweep, rows) if parent.run_id else {}
+    for row in rows:
+        row["mlflow_run_id"] = run_ids.get(row["trial_id"], "")
+    if not rows:
+        raise TuneError(f"sweep {sweep.name}: Tune ran no trial")
+    return rows
+
+
+def _publish_best(
+    parent: TrackedRun, rows: list[dict[str, Any]], space: SearchSpace, cfg: TuneConfig, name: str,
+    outputs: TuneOutputs,
+) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """Write the CSV and the best-params file, log the best trial to the parent run; (best row, sample)."""
+    best = best_row(rows, cfg)
     atomic_write_text(outputs.results, rows_csv(rows))
     atomic_write_text(outputs.best_params, best_params_text(name, best, space, cfg))
     sample = best_sample(best, space)
@@ -393,20 +386,47 @@ def tune_sweep(
     parent.log_metrics({f"best_{cfg.metric}": float(best[cfg.metric])}, step=int(best["iteration"] or 0))
     parent.log_artifact(outputs.results)
     parent.log_artifact(outputs.best_params)
+    return best, sample
+
+
+def tune_sweep(
+    raw_params: dict[str, Any],
+    data_root: str | Path,
+    outputs: TuneOutputs,
+    *,
+    storage_path: str,
+) -> dict[str, Any]:
+    """Run the sweep, write ``outputs``; returns a summary (best trial, counts, times, MLflow parent run)."""
+    started = time.perf_counter()
+    params = params_from_dict(raw_params, where="params")
+    cfg = params.tune
+    data_root = Path(data_root).resolve()
+    space, data_hash = _check_sweep_inputs(params, raw_params, data_root)
+    storage = resolve_storage(storage_path)
+    name = sweep_name(params, data_hash)
+    where = cluster.connect()
+    check_fits(params, cluster.resources(), where, runs=cfg.max_concurrent_trials,
+               runs_key="tune.max_concurrent_trials")  # fmt: skip
+    parent = _open_parent_run(params, space, name, data_hash)
+    log.info("sweep %s: %d trials over %s on %s", name, cfg.num_samples, ", ".join(space.keys), where)
+    try:
+        rows = _run_trials(params, raw_params, space, name=name, data_root=data_root, data_hash=data_hash,
+                           parent=parent, storage=storage)  # fmt: skip
+        best, sample = _publish_best(parent, rows, space, cfg, name, outputs)
+    except BaseException as err:
+        parent.set_tags({"error": f"{type(err).__name__}: {err}"[:5000]})
+        parent.finish("FAILED")
+        raise
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
     parent.finish("FINISHED")
     counts = {
         status: sum(r["status"] == status for r in rows) for status in ("finished", "stopped_early", "error")
     }
     return {
-        "sweep": name,
-        "trials": len(rows),
-        **counts,
-        "best_trial_id": best["trial_id"],
-        "best": sample,
-        "metric": cfg.metric,
-        "value": best[cfg.metric],
-        "mlflow_parent_run_id": parent.run_id,
-        "storage": str(Path(storage) / name),
-        "wall_time_s": round(time.perf_counter() - started, 1),
+        "sweep": name, "trials": len(rows), **counts, "best_trial_id": best["trial_id"], "best": sample,
+        "metric": cfg.metric, "value": best[cfg.metric], "mlflow_parent_run_id": parent.run_id,
+        "storage": f"{storage.rstrip('/')}/{name}", "wall_time_s": round(time.perf_counter() - started, 1),
         "set_param_args": set_param_args(sample),
-    }
+    }  # fmt: skip
