@@ -49,7 +49,14 @@ from pipeline.config import Params, TrainConfig
 from pipeline.dataset import DetectionDataset, GroupedBatchSampler, collate
 from pipeline.io import atomic_write_json
 from pipeline.tracking.run import TrackedRun, flatten
-from pipeline.train.checkpoint import HISTORY_COLUMNS, Progress, history_tensor, progress_dict
+from pipeline.train.checkpoint import (
+    HISTORY_COLUMNS,
+    Progress,
+    history_tensor,
+    progress_dict,
+    restore_rng_state,
+    rng_state,
+)
 from pipeline.train.schedule import build_optimizer, build_scheduler
 from pipeline.train.sessions import Session
 
@@ -169,15 +176,17 @@ def build_model(job: TrainJob, restored: dict[str, Any] | None) -> torch.nn.Modu
 
 
 def seed_random_streams(job: TrainJob, session: Session, restored: dict[str, Any] | None) -> None:
-    """Seed the global torch RNG (flips, RPN/RoI sampling) per rank; on resume, rank 0 continues its stream.
+    """Seed torch's generators (flips, RPN/RoI sampling) per rank; on resume, rank 0 continues its streams.
 
     Every rank built the model from ``train.seed`` (identical weights); from here on each rank
-    draws its own numbers. Rank 0's state is in the checkpoint, so a one-process run that is
-    interrupted and resumed trains exactly like one that was not.
+    draws its own numbers (``torch.manual_seed`` seeds the CPU and every CUDA generator). Rank 0's
+    states (CPU, and CUDA per device: `pipeline.train.checkpoint.rng_state`) are in the
+    checkpoint, so a one-process run that is interrupted and resumed trains exactly like one
+    that was not, on a GPU too.
     """
     seed = job.params.train.seed
     if restored is not None and session.rank == 0 and restored.get("rng") is not None:
-        torch.set_rng_state(restored["rng"])
+        restore_rng_state(restored["rng"])
     elif restored is not None:
         torch.manual_seed(seed + 1000 * session.rank + restored["progress"]["iteration"])
     else:
@@ -240,7 +249,7 @@ def checkpoint_state(job: TrainJob, state: TrainState) -> dict[str, Any]:
             "git_commit": job.git_commit,
         },
         "history": {"columns": list(HISTORY_COLUMNS), "rows": history_tensor(state.history)},
-        "rng": torch.get_rng_state(),  # rank 0's; see seed_random_streams
+        "rng": rng_state(),  # rank 0's generators; see seed_random_streams
     }
 
 

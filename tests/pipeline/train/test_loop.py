@@ -15,7 +15,14 @@ from pipeline.config import params_from_dict
 from pipeline.dataset import read_data_hash
 from pipeline.model_file import load_model_file
 from pipeline.train.checkpoint import history_rows
-from pipeline.train.loop import NonFiniteLossError, TrainJob, train_worker
+from pipeline.train.loop import (
+    NonFiniteLossError,
+    TrainJob,
+    build_state,
+    checkpoint_state,
+    seed_random_streams,
+    train_worker,
+)
 from pipeline.train.sessions import LocalSession
 from pipeline.train.stage import TrainOutputs, run_name, train
 from tests.train_samples import tiny_data, tiny_params
@@ -161,3 +168,26 @@ def test_mlflow_unreachable_loses_only_the_logging(
         metrics = train(params, data, out, storage_path=str(tmp_path / "runs"), use_ray=False)
     assert metrics["iterations"] == 2 and metrics["mlflow_run_id"] is None
     assert load_model_file(out.model).extra["mlflow_run_id"] is None
+
+
+def test_checkpoint_saves_and_rank0_restores_the_cuda_generators(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On a GPU the RPN/RoI samplers draw from the CUDA generator: a checkpoint that kept only the
+    # CPU state resumed them on another stream. No GPU here: stand in for one initialised device.
+    params = params_from_dict(tiny_params())
+    session = LocalSession(tmp_path)
+    state = build_state(job(params, tmp_path), session, None)
+    fake = [torch.arange(16, dtype=torch.uint8)]
+    restored: list[tuple[int, torch.Tensor]] = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: list(fake))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: restored.append((device, s)))
+    saved = checkpoint_state(job(params, tmp_path), state)
+    assert torch.equal(saved["rng"]["cuda"][0], fake[0])
+    expected = torch.rand(4)
+    seed_random_streams(job(params, tmp_path), session, saved)
+    assert torch.equal(torch.rand(4), expected), "rank 0 continues its CPU stream"
+    assert len(restored) == 1 and restored[0][0] == 0 and torch.equal(restored[0][1], fake[0])
