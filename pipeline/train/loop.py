@@ -41,7 +41,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from fpn import build_detector, load_torchvision_weights
@@ -341,6 +341,34 @@ def epoch_batches(dataset: Any, job: TrainJob, session: Session, epoch: int) -> 
     return batches
 
 
+def loader_seed(seed: int, epoch: int, rank: int) -> int:
+    """Seed of the DataLoader's generator on ``rank`` for ``epoch``; DataLoader workers seed from it.
+
+    Per epoch and per rank: with ``train.loader_workers > 0`` the flips are drawn in the workers,
+    whose torch seed is ``base_seed + worker_id`` with ``base_seed`` drawn from this generator,
+    so a seed shared by all ranks would flip the same images on every rank. The rank term is a
+    prime far above any epoch count (no two (epoch, rank) pairs collide); rank 0 keeps
+    ``seed + epoch``, so one-process runs are unchanged.
+    """
+    return seed + epoch + 1_000_003 * rank
+
+
+def epoch_loader(
+    dataset: Dataset, batches: list[list[int]], t: TrainConfig, device: torch.device, epoch: int, rank: int
+) -> DataLoader:
+    """A DataLoader over ``batches`` (lists of dataset indices, in order) of ``epoch`` on ``rank``."""
+    return DataLoader(
+        dataset,
+        batch_sampler=batches,
+        collate_fn=collate,
+        num_workers=t.loader_workers,
+        pin_memory=device.type == "cuda",
+        # Its own generator: creating the iterator then draws no number from the global
+        # stream, so a run resumed mid-epoch replays the same random numbers.
+        generator=torch.Generator().manual_seed(loader_seed(t.seed, epoch, rank)),
+    )
+
+
 def _write_status(job: TrainJob, session: Session, fields: dict[str, Any]) -> None:
     """``<status_dir>/rank<k>.json``: who this worker is and where it is (atomic replace; every rank)."""
     if job.status_dir is None:
@@ -551,18 +579,9 @@ def train_epoch(
     Starts at batch ``batch_in_epoch`` of `epoch_batches` (the same list on every attempt), so
     a resumed epoch skips the batches it already trained on.
     """
-    t = job.params.train
-    batches = epoch_batches(dataset, job, session, state.progress.epoch)
-    loader = DataLoader(
-        dataset,
-        batch_sampler=batches[state.progress.batch_in_epoch :],
-        collate_fn=collate,
-        num_workers=t.loader_workers,
-        pin_memory=state.device.type == "cuda",
-        # Its own generator: creating the iterator then draws no number from the global
-        # stream, so a run resumed mid-epoch replays the same random numbers.
-        generator=torch.Generator().manual_seed(t.seed + state.progress.epoch),
-    )
+    t, progress = job.params.train, state.progress
+    batches = epoch_batches(dataset, job, session, progress.epoch)[progress.batch_in_epoch :]
+    loader = epoch_loader(dataset, batches, t, state.device, progress.epoch, session.rank)
     batch_iter = iter(loader)
     step_start = time.perf_counter()
     for images, targets in batch_iter:

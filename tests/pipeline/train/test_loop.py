@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow import MlflowClient
+from torch.utils.data import Dataset
 
 from fpn import build_detector
 from pipeline.config import params_from_dict
@@ -20,6 +21,8 @@ from pipeline.train.loop import (
     TrainJob,
     build_state,
     checkpoint_state,
+    epoch_loader,
+    loader_seed,
     seed_random_streams,
     train_worker,
 )
@@ -191,3 +194,28 @@ def test_checkpoint_saves_and_rank0_restores_the_cuda_generators(
     seed_random_streams(job(params, tmp_path), session, saved)
     assert torch.equal(torch.rand(4), expected), "rank 0 continues its CPU stream"
     assert len(restored) == 1 and restored[0][0] == 0 and torch.equal(restored[0][1], fake[0])
+
+
+class Draws(Dataset):
+    """Stands in for `DetectionDataset`'s flip: each item is the uniform number it draws from torch's RNG."""
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict]:
+        return torch.rand(()), {"index": i}
+
+
+def flips(rank: int, epoch: int) -> list[bool]:
+    """The flip decisions (draw < 0.5) rank ``rank``'s loader makes in ``epoch``, with 2 loader workers."""
+    t = params_from_dict(tiny_params(loader_workers=2)).train
+    loader = epoch_loader(Draws(), [[i, i + 8] for i in range(8)], t, torch.device("cpu"), epoch, rank)
+    return [bool(draw < 0.5) for draws, _ in loader for draw in draws]
+
+
+def test_loader_workers_flip_differently_on_each_rank_and_deterministically() -> None:
+    rank0, rank1 = flips(0, epoch=3), flips(1, epoch=3)
+    assert rank0 == flips(0, epoch=3) and rank1 == flips(1, epoch=3), "each rank's flips are deterministic"
+    assert rank0 != rank1, "ranks flip different images"
+    assert rank0 != flips(0, epoch=4), "and differently each epoch"
+    assert loader_seed(7, 3, 0) == 10, "rank 0 keeps seed + epoch (one-process runs unchanged)"
