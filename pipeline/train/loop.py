@@ -105,6 +105,7 @@ class TrainState:
     scaler: torch.amp.GradScaler
     trainable: list[torch.nn.Parameter]  # what the gradient norm is taken (and clipped) over
     device: torch.device
+    amp: str  # the autocast mode in effect: off | fp16 | bf16 (`resolve_amp`)
     progress: Progress
     history: list[list[float]]
     start_iteration: int  # ``progress.iteration`` when this attempt started
@@ -207,7 +208,8 @@ def build_state(job: TrainJob, session: Session, restored: dict[str, Any] | None
     model.train()
     optimizer = build_optimizer(model, t, session.world_size)
     scheduler = build_scheduler(optimizer, t)
-    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and t.amp == "fp16")
+    amp = resolve_amp(t.amp, device.type, device.type == "cuda" and _bf16_supported(device))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     if restored is not None:
         optimizer.load_state_dict(restored["optimizer"])
         scheduler.load_state_dict(restored["scheduler"])
@@ -227,6 +229,7 @@ def build_state(job: TrainJob, session: Session, restored: dict[str, Any] | None
         scaler=scaler,
         trainable=[p for p in model.parameters() if p.requires_grad],
         device=device,
+        amp=amp,
         progress=progress,
         history=restored["history"]["rows"].tolist() if restored else [],
         start_iteration=progress.iteration,
@@ -253,8 +256,32 @@ def checkpoint_state(job: TrainJob, state: TrainState) -> dict[str, Any]:
     }
 
 
+def resolve_amp(amp: str, device_type: str, bf16_supported: bool) -> str:
+    """The autocast mode to train with, from ``train.amp`` (off | fp16 | bf16) and the device.
+
+    ``"off"`` off CUDA (CPUs train in float32); ``"fp16"`` (with a GradScaler) instead of
+    ``"bf16"`` on a GPU without native bfloat16 (``bf16_supported`` false), saying so; else ``amp``.
+    """
+    if device_type != "cuda":
+        return "off"
+    if amp == "bf16" and not bf16_supported:
+        log.warning(
+            "train.amp: bf16, but this GPU has no native bfloat16: training in fp16 with a GradScaler instead"
+        )
+        return "fp16"
+    return amp
+
+
+def _bf16_supported(device: torch.device) -> bool:
+    """Whether CUDA ``device`` computes in bfloat16 natively (compute capability 8.0+, or ROCm)."""
+    # Not the default including_emulation=True: pre-Ampere GPUs (V100, T4) accept bf16 tensors,
+    # so that answers True there, and their bf16 matmuls run emulated, far slower than fp16.
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def _autocast(device: torch.device, amp: str) -> torch.autocast:
-    """bf16/fp16 autocast on GPUs; CPUs train in float32 (``train.amp`` applies to GPUs only)."""
+    """bf16/fp16 autocast on GPUs for ``amp`` as `resolve_amp` gives it; CPUs train in float32."""
     enabled = device.type == "cuda" and amp != "off"
     dtype = torch.float16 if amp == "fp16" else torch.bfloat16
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
@@ -296,7 +323,7 @@ def train_step(
     iteration = state.progress.iteration + 1
     images, targets = _to_device(images, targets, state.device)
     lr = state.optimizer.param_groups[0]["lr"]
-    with _autocast(state.device, t.amp):
+    with _autocast(state.device, state.amp):
         loss_dict = state.net(images, targets)
     loss = sum(loss_dict[name] for name in LOSS_NAMES)
     terms = _mean_over_ranks(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import socket
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from pipeline.train.loop import (
     checkpoint_state,
     epoch_loader,
     loader_seed,
+    resolve_amp,
     seed_random_streams,
     train_worker,
 )
@@ -219,3 +221,16 @@ def test_loader_workers_flip_differently_on_each_rank_and_deterministically() ->
     assert rank0 != rank1, "ranks flip different images"
     assert rank0 != flips(0, epoch=4), "and differently each epoch"
     assert loader_seed(7, 3, 0) == 10, "rank 0 keeps seed + epoch (one-process runs unchanged)"
+
+
+def test_bf16_falls_back_to_fp16_on_gpus_without_it(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.loop"):
+        assert resolve_amp("bf16", "cuda", bf16_supported=False) == "fp16"
+    assert "bf16" in caplog.text and "fp16" in caplog.text and "GradScaler" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.loop"):
+        assert resolve_amp("bf16", "cuda", bf16_supported=True) == "bf16"
+        assert resolve_amp("fp16", "cuda", bf16_supported=False) == "fp16"
+        assert resolve_amp("off", "cuda", bf16_supported=False) == "off"
+        assert resolve_amp("bf16", "cpu", bf16_supported=False) == "off", "CPUs train in float32"
+    assert not caplog.records
