@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from mlflow import MlflowClient
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 from fpn import build_detector
 from pipeline.config import params_from_dict
 from pipeline.dataset import read_data_hash
 from pipeline.model_file import load_model_file
+from pipeline.train import loop
 from pipeline.train.checkpoint import history_rows
 from pipeline.train.loop import (
     NonFiniteLossError,
@@ -27,6 +32,7 @@ from pipeline.train.loop import (
     resolve_amp,
     seed_random_streams,
     train_worker,
+    weights_checksum,
 )
 from pipeline.train.sessions import LocalSession
 from pipeline.train.stage import TrainOutputs, run_name, train
@@ -234,3 +240,111 @@ def test_bf16_falls_back_to_fp16_on_gpus_without_it(caplog: pytest.LogCaptureFix
         assert resolve_amp("off", "cuda", bf16_supported=False) == "off"
         assert resolve_amp("bf16", "cpu", bf16_supported=False) == "off", "CPUs train in float32"
     assert not caplog.records
+
+
+HOST_TRANSFERS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__format__")
+
+
+class TransferCounter:
+    """Counts tensor -> host conversions made by the training loop's own code, per optimizer step.
+
+    Wraps `HOST_TRANSFERS` on ``torch.Tensor`` and counts calls whose caller is a file of
+    ``pipeline/train/`` (the model's own data-dependent syncs are not the loop's). A call made
+    while step ``k`` or its reporting runs counts for ``k``; on a GPU each is a device sync.
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.by_step: dict[int, list[str]] = {}
+        self.step = 0
+        self.clip_calls = 0
+        for name in HOST_TRANSFERS:
+            monkeypatch.setattr(torch.Tensor, name, self._wrap(name, getattr(torch.Tensor, name)))
+        step_fn, clip_fn = loop.train_step, torch.nn.utils.clip_grad_norm_
+
+        def counted_step(*args, **kwargs):
+            self.step += 1
+            return step_fn(*args, **kwargs)
+
+        def counted_clip(*args, **kwargs):
+            self.clip_calls += 1
+            return clip_fn(*args, **kwargs)
+
+        monkeypatch.setattr(loop, "train_step", counted_step)
+        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", counted_clip)
+
+    def _wrap(self, name: str, method):
+        train_dir = str(Path(loop.__file__).parent)
+
+        def wrapper(tensor, *args, **kwargs):
+            if sys._getframe(1).f_code.co_filename.startswith(train_dir):
+                self.by_step.setdefault(self.step, []).append(name)
+            return method(tensor, *args, **kwargs)
+
+        return wrapper
+
+
+@pytest.mark.parametrize("clip", [None, 10.0])
+def test_steps_between_log_lines_leave_everything_on_the_device(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clip: float | None
+) -> None:
+    params = params_from_dict(tiny_params(iterations=6, log_every=3, checkpoint_every=6, grad_clip_norm=clip))
+    session = LocalSession(tmp_path / "run")
+    counter = TransferCounter(monkeypatch)
+    train_worker(job(params, data), session)
+    monkeypatch.undo()
+    assert counter.step == 6
+    transfers = {step: counter.by_step.get(step, []) for step in range(1, 7)}
+    assert all(not transfers[step] for step in (1, 2, 4, 5)), transfers  # not log steps: no sync at all
+    assert transfers[3] and transfers[6], "log steps move the window's losses (the counter works)"
+    assert counter.clip_calls == (0 if clip is None else 6), "no clipping pass with clipping off"
+    rows = history_rows(session.restore())
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and all(r["grad_norm"] > 0 for r in rows)
+    assert [m["iteration"] for m in session.reported] == [3, 6]
+
+
+def test_weights_checksum_is_one_host_transfer(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = build_detector(params_from_dict(tiny_params()).model)
+    expected = float(sum(p.detach().double().sum().item() for p in model.parameters()))
+    counter = TransferCounter(monkeypatch)
+    checksum = weights_checksum(model)
+    monkeypatch.undo()
+    assert checksum == expected, "the same float64 sum, bit for bit"
+    assert len(counter.by_step[0]) == 1, counter.by_step
+
+
+@pytest.fixture
+def one_rank_group():
+    """A gloo process group of this process alone: enough to build DDP on the CPU."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(("norm", "broadcast"), [("bn", True), ("gn", False), ("frozen_bn", False)])
+def test_ddp_broadcasts_buffers_only_with_trainable_batchnorm(
+    tmp_path: Path, one_rank_group: None, norm: str, broadcast: bool
+) -> None:
+    session = LocalSession(tmp_path)
+    session.world_size = 2  # as a rank of two sees it: the model is wrapped in DDP
+    params = params_from_dict(tiny_params(model={"norm": norm}))
+    state = build_state(job(params, tmp_path), session, None)
+    assert isinstance(state.net, DistributedDataParallel)
+    assert state.net.broadcast_buffers is broadcast
+
+
+def test_non_finite_loss_is_caught_at_the_next_log_line_before_any_checkpoint(
+    data: Path, tmp_path: Path
+) -> None:
+    # Losses are read every log_every steps: the error comes then, naming the first bad step.
+    params = params_from_dict(
+        tiny_params(lr=1e12, warmup_iters=0, iterations=8, log_every=4, checkpoint_every=4)
+    )
+    session = LocalSession(tmp_path / "nan")
+    with pytest.raises(NonFiniteLossError) as caught:
+        train_worker(job(params, data), session)
+    found = re.search(
+        r"non-finite loss at iteration (\d) \(epoch 0\): .*found at iteration 4", str(caught.value)
+    )
+    assert found and 1 <= int(found.group(1)) <= 4, caught.value
+    assert session.checkpoints() == [] and session.reported == [], "nothing saved or reported past it"
