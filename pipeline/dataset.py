@@ -85,7 +85,9 @@ class DetectionDataset(Dataset):
     """One split of the preprocessed data (see the module docstring for the items).
 
     With ``train=True`` each item is flipped horizontally with probability ``flip_prob``
-    (drawn from torch's global RNG, which DataLoader seeds per worker from the main seed).
+    (drawn from torch's global RNG: the main process's, seeded per rank, without loader workers;
+    else each worker's, which DataLoader seeds from its generator, seeded per epoch and rank by
+    `pipeline.train.loop.loader_seed`).
     """
 
     def __init__(self, root: str | Path, split: str, *, train: bool, flip_prob: float = 0.5) -> None:

@@ -11,7 +11,11 @@ loads with ``torch.load(weights_only=True)``)::
                      "attempts"},
         "run": {"run_name", "mlflow_run_id", "data_hash", "git_commit"},
         "history": {"columns": [...], "rows": Tensor[N, C] float64},  # one row per step
+        "rng": {"cpu": ByteTensor, "cuda": [ByteTensor, ...]},  # rank 0's generators (`rng_state`)
     }
+
+``rng`` is optional (a run without it resumes on fresh streams); checkpoints written before the
+CUDA states were saved hold the CPU state alone, as a bare ByteTensor (`restore_rng_state` takes both).
 
 `save_checkpoint` writes the file under a temporary name and renames it, and callers
 write the folder in a temporary place before handing it over (to Ray Train, or renamed
@@ -20,6 +24,7 @@ into place by the local session): a checkpoint is whole or absent.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +32,8 @@ from typing import Any
 import torch
 
 from pipeline.io import atomic_torch_save
+
+log = logging.getLogger(__name__)
 
 FORMAT = "fpn-train-checkpoint/1"
 STATE_FILE = "train_state.pt"
@@ -106,3 +113,44 @@ def history_rows(state: dict[str, Any]) -> list[dict[str, float]]:
 
 def progress_dict(progress: Progress) -> dict[str, Any]:
     return asdict(progress)
+
+
+def rng_state() -> dict[str, Any]:
+    """The state of every random generator training draws from: ``{"cpu": ByteTensor[, "cuda": [...]]}``.
+
+    ``cpu``: torch's default generator (flips in the main process, the RPN and RoI samplers on
+    CPUs). ``cuda``: one state per visible device, present once CUDA is initialised (on GPUs the
+    samplers call ``torch.randperm(..., device=cuda)``, which draws from the device's own
+    generator). Python's `random` and numpy's global generator are not saved: nothing in the
+    training process draws from them (fpn/, pipeline/train/, pipeline/dataset.py), and DataLoader
+    workers seed their own from the loader's generator.
+    """
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any] | torch.Tensor) -> None:
+    """Continue the streams saved by `rng_state` (or a bare CPU state, the layout before it).
+
+    CUDA states are set per device index; when this process sees a different number of devices
+    than the one that saved them, the common ones are set and a warning says the run is not exact.
+    """
+    if isinstance(state, torch.Tensor):
+        torch.set_rng_state(state)
+        return
+    torch.set_rng_state(state["cpu"])
+    cuda_states = state.get("cuda") or []
+    if not cuda_states:
+        return
+    devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if devices != len(cuda_states):
+        log.warning(
+            "checkpoint holds %d CUDA generator states, this process sees %d device(s): "
+            "the resumed run does not continue the same random streams exactly",
+            len(cuda_states),
+            devices,
+        )
+    for index, device_state in enumerate(cuda_states[:devices]):
+        torch.cuda.set_rng_state(device_state, index)

@@ -11,8 +11,15 @@ or a local folder (``LocalSession``, one process, no Ray). Conventions:
 
 * Iterations count optimizer steps from 1; ``Progress.iteration`` is the number done.
 * The global batch is ``train.batch_size * world_size`` images; the lr scales with it.
-* Losses logged and checked are the mean over ranks (one small all-reduce per step), so every
-  rank sees the same value and a non-finite loss stops all ranks at the same step.
+* A step reads nothing back to the host: its losses and gradient norm stay on the device
+  (`PendingStep`) until the next log line, checkpoint or epoch end, where `TrainState.flush`
+  moves all pending steps in one transfer (on a GPU, one sync per window, not one per step).
+* Losses logged and checked are the mean over ranks (one small all-reduce per flush), so every
+  rank sees the same values and a non-finite loss stops all ranks at the same point.
+* A non-finite loss is caught at that flush, so at most ``train.log_every`` steps after it
+  happened (the error still names the step and its loss terms). The steps in between run on
+  with NaN in the weights, but nothing is saved past it: a checkpoint is written only after
+  the flush that checked every step before it.
 
 The parts, in the order a run meets them:
 
@@ -21,27 +28,28 @@ The parts, in the order a run meets them:
 * `RankZero` -- rank 0's side effects (MLflow run, lines and bar for a person, checkpoint
   states); a no-op on the other ranks, so the loop itself never tests for rank 0;
 * `train_epoch` -- the rest of one epoch, a `train_step` per batch, then `report_step`:
-  a `LogWindow` line, status and metrics every ``train.log_every`` steps, a `checkpoint_state`
-  every ``train.checkpoint_every`` steps and at the last;
+  every ``train.log_every`` steps the pending steps read (`flush_steps`), a `LogWindow` line,
+  status and metrics; a `checkpoint_state` every ``train.checkpoint_every`` steps and at the last;
 * `train_loop` -- epochs until ``train.iterations`` (`end_epoch` between them).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from fpn import build_detector, load_torchvision_weights
@@ -49,7 +57,14 @@ from pipeline.config import Params, TrainConfig
 from pipeline.dataset import DetectionDataset, GroupedBatchSampler, collate
 from pipeline.io import atomic_write_json
 from pipeline.tracking.run import TrackedRun, flatten
-from pipeline.train.checkpoint import HISTORY_COLUMNS, Progress, history_tensor, progress_dict
+from pipeline.train.checkpoint import (
+    HISTORY_COLUMNS,
+    Progress,
+    history_tensor,
+    progress_dict,
+    restore_rng_state,
+    rng_state,
+)
 from pipeline.train.schedule import build_optimizer, build_scheduler
 from pipeline.train.sessions import Session
 
@@ -88,7 +103,8 @@ class TrainState:
 
     ``model`` is the bare detector (what a checkpoint holds); ``net`` is what runs forward:
     ``model`` itself, or ``DistributedDataParallel(model)`` when ``world_size > 1``.
-    ``history`` has one row per step, columns `HISTORY_COLUMNS`.
+    ``history`` has one row per step up to the last `flush`, columns `HISTORY_COLUMNS`;
+    ``pending`` holds the steps since, their numbers still on the device.
     """
 
     model: torch.nn.Module
@@ -98,21 +114,61 @@ class TrainState:
     scaler: torch.amp.GradScaler
     trainable: list[torch.nn.Parameter]  # what the gradient norm is taken (and clipped) over
     device: torch.device
+    amp: str  # the autocast mode in effect: off | fp16 | bf16 (`resolve_amp`)
     progress: Progress
     history: list[list[float]]
     start_iteration: int  # ``progress.iteration`` when this attempt started
     mlflow_run_id: str | None  # rank 0's MLflow run; the restored one until rank 0 opens it
     last_checkpoint: int = -1  # iteration of the last checkpoint this attempt reported (not saved)
+    pending: list[tuple[PendingStep, float]] = field(default_factory=list)  # (step, step_time)
 
-    def record(self, step: StepResult, step_time: float, global_batch: int) -> None:
-        """Count ``step`` (it took ``step_time`` seconds, ``global_batch`` images over all ranks)."""
+    def record(self, step: PendingStep, step_time: float, global_batch: int) -> None:
+        """Count ``step`` (it took ``step_time`` seconds, ``global_batch`` images over all ranks).
+
+        Host-side counters only; its history row is added by the `flush` that reads its numbers.
+        """
         progress = self.progress
         progress.iteration = step.iteration
         progress.batch_in_epoch += 1
         progress.images_seen += global_batch
         progress.train_seconds += step_time
-        values = (step.loss, *step.terms.values(), step.lr, step_time, progress.epoch, step.grad_norm)
-        self.history.append([step.iteration, *values])  # the columns of HISTORY_COLUMNS
+        self.pending.append((step, step_time))
+
+    def flush(self, world_size: int) -> list[StepResult]:
+        """The pending steps, read to the host in one transfer, checked, and added to ``history``.
+
+        Every rank must call it at the same steps: the losses are averaged over ranks in one
+        all-reduce ``[n, len(LOSS_NAMES)]`` for the ``n`` pending steps. Raises
+        `NonFiniteLossError` for the first step whose loss is not finite (no row added from it on).
+        """
+        if not self.pending:
+            return []
+        pending, self.pending = self.pending, []
+        terms = torch.stack([step.terms for step, _ in pending])  # [n, len(LOSS_NAMES)]
+        terms = _mean_over_ranks(terms, world_size)
+        norms = torch.stack([step.grad_norm for step, _ in pending]).to(terms.dtype)  # [n]
+        rows = torch.cat([terms, norms[:, None]], dim=1).tolist()  # the one host transfer
+        results = []
+        for (step, step_time), row in zip(pending, rows, strict=True):
+            values = dict(zip(LOSS_NAMES, row[:-1], strict=True))
+            result = StepResult(step.iteration, float(sum(values.values())), values, step.lr, row[-1])
+            if not math.isfinite(result.loss):
+                raise _non_finite_error(result, step.epoch, self.progress.iteration)
+            cells = (result.loss, *values.values(), step.lr, step_time, step.epoch, result.grad_norm)
+            self.history.append([step.iteration, *cells])  # the columns of HISTORY_COLUMNS
+            results.append(result)
+        return results
+
+
+@dataclass(frozen=True)
+class PendingStep:
+    """One optimizer step as `train_step` leaves it: numbers on the device, read later by `TrainState.flush`."""
+
+    iteration: int  # the step's number, counted from 1
+    epoch: int  # the epoch it trained in
+    lr: float  # the lr the step used
+    terms: torch.Tensor  # float32 [len(LOSS_NAMES)] on the device: this rank's loss terms
+    grad_norm: torch.Tensor  # float32 [] on the device: global L2 norm of the gradients, before clipping
 
 
 @dataclass(frozen=True)
@@ -130,6 +186,16 @@ class StepResult:
         return self.iteration, {"loss": self.loss, **self.terms, "lr": self.lr, "grad_norm": self.grad_norm}
 
 
+def _non_finite_error(step: StepResult, epoch: int, found_at: int) -> NonFiniteLossError:
+    """The error for ``step`` (of ``epoch``), whose loss is not finite, read at iteration ``found_at``."""
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in step.terms.items())
+    return NonFiniteLossError(
+        f"non-finite loss at iteration {step.iteration} (epoch {epoch}): loss={step.loss} ({shown}), "
+        f"lr={step.lr:.4g}; lower train.lr or raise train.warmup_iters (found at iteration "
+        f"{found_at}: losses are read every train.log_every steps; no checkpoint was saved past it)"
+    )
+
+
 def configure_cpu(params: Params) -> None:
     """Threads and denormal flushing for CPU training (a from-scratch detector runs ~3x slower on CPU without flushing)."""
     if params.train.threads > 0:
@@ -139,9 +205,14 @@ def configure_cpu(params: Params) -> None:
 
 
 def weights_checksum(model: torch.nn.Module) -> float:
-    """Sum of all parameters in float64: equal on every rank while DDP keeps them in sync."""
+    """Sum of all parameters in float64: equal on every rank while DDP keeps them in sync.
+
+    One host transfer (a single device sync) for all parameters: the per-parameter sums are
+    stacked on the device, then added on the host in parameter order, as they always were.
+    """
     with torch.no_grad():
-        return float(sum(p.detach().double().sum().item() for p in model.parameters()))
+        sums = torch.stack([p.detach().double().sum() for p in model.parameters()])  # [P] float64
+        return float(sum(sums.tolist()))
 
 
 def build_model(job: TrainJob, restored: dict[str, Any] | None) -> torch.nn.Module:
@@ -169,15 +240,17 @@ def build_model(job: TrainJob, restored: dict[str, Any] | None) -> torch.nn.Modu
 
 
 def seed_random_streams(job: TrainJob, session: Session, restored: dict[str, Any] | None) -> None:
-    """Seed the global torch RNG (flips, RPN/RoI sampling) per rank; on resume, rank 0 continues its stream.
+    """Seed torch's generators (flips, RPN/RoI sampling) per rank; on resume, rank 0 continues its streams.
 
     Every rank built the model from ``train.seed`` (identical weights); from here on each rank
-    draws its own numbers. Rank 0's state is in the checkpoint, so a one-process run that is
-    interrupted and resumed trains exactly like one that was not.
+    draws its own numbers (``torch.manual_seed`` seeds the CPU and every CUDA generator). Rank 0's
+    states (CPU, and CUDA per device: `pipeline.train.checkpoint.rng_state`) are in the
+    checkpoint, so a one-process run that is interrupted and resumed trains exactly like one
+    that was not, on a GPU too.
     """
     seed = job.params.train.seed
     if restored is not None and session.rank == 0 and restored.get("rng") is not None:
-        torch.set_rng_state(restored["rng"])
+        restore_rng_state(restored["rng"])
     elif restored is not None:
         torch.manual_seed(seed + 1000 * session.rank + restored["progress"]["iteration"])
     else:
@@ -198,7 +271,8 @@ def build_state(job: TrainJob, session: Session, restored: dict[str, Any] | None
     model.train()
     optimizer = build_optimizer(model, t, session.world_size)
     scheduler = build_scheduler(optimizer, t)
-    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and t.amp == "fp16")
+    amp = resolve_amp(t.amp, device.type, device.type == "cuda" and _bf16_supported(device))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     if restored is not None:
         optimizer.load_state_dict(restored["optimizer"])
         scheduler.load_state_dict(restored["scheduler"])
@@ -209,7 +283,11 @@ def build_state(job: TrainJob, session: Session, restored: dict[str, Any] | None
     if session.world_size > 1:
         # Gradients are averaged over ranks in backward; parameters start equal because DDP
         # broadcasts rank 0's at construction.
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            **_ddp_buffer_sync(job.params.model.norm == "bn"),
+        )
     return TrainState(
         model=model,
         net=net,
@@ -218,6 +296,7 @@ def build_state(job: TrainJob, session: Session, restored: dict[str, Any] | None
         scaler=scaler,
         trainable=[p for p in model.parameters() if p.requires_grad],
         device=device,
+        amp=amp,
         progress=progress,
         history=restored["history"]["rows"].tolist() if restored else [],
         start_iteration=progress.iteration,
@@ -225,8 +304,28 @@ def build_state(job: TrainJob, session: Session, restored: dict[str, Any] | None
     )
 
 
+def _ddp_buffer_sync(sync: bool) -> dict[str, bool]:
+    """DDP's keyword for re-sending rank 0's buffers before every forward: on for trainable BN only.
+
+    Only trainable BatchNorm's running statistics change in training (and drift apart per rank);
+    frozen BN's statistics and the input mean/std are constant and GroupNorm has none, so
+    re-sending them every step is pure traffic. torch 2.14 names the switch
+    ``forward_sync_buffers`` (buffers still broadcast once at construction) and deprecates
+    ``broadcast_buffers``, whose False also skips that first broadcast: harmless here, every
+    rank builds the same buffers from ``train.seed`` and the same weights.
+    """
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+        return {"forward_sync_buffers": sync}
+    return {"broadcast_buffers": sync}
+
+
 def checkpoint_state(job: TrainJob, state: TrainState) -> dict[str, Any]:
-    """What a checkpoint holds (layout: `pipeline.train.checkpoint`), tensors on the CPU."""
+    """What a checkpoint holds (layout: `pipeline.train.checkpoint`), tensors on the CPU.
+
+    Only after `TrainState.flush`: the history must hold every step (and be checked) first.
+    """
+    if state.pending:
+        raise RuntimeError(f"checkpoint_state with {len(state.pending)} step(s) not flushed")
     return {
         "model": {k: v.detach().cpu() for k, v in state.model.state_dict().items()},
         "optimizer": state.optimizer.state_dict(),
@@ -240,12 +339,36 @@ def checkpoint_state(job: TrainJob, state: TrainState) -> dict[str, Any]:
             "git_commit": job.git_commit,
         },
         "history": {"columns": list(HISTORY_COLUMNS), "rows": history_tensor(state.history)},
-        "rng": torch.get_rng_state(),  # rank 0's; see seed_random_streams
+        "rng": rng_state(),  # rank 0's generators; see seed_random_streams
     }
 
 
+def resolve_amp(amp: str, device_type: str, bf16_supported: bool) -> str:
+    """The autocast mode to train with, from ``train.amp`` (off | fp16 | bf16) and the device.
+
+    ``"off"`` off CUDA (CPUs train in float32); ``"fp16"`` (with a GradScaler) instead of
+    ``"bf16"`` on a GPU without native bfloat16 (``bf16_supported`` false), saying so; else ``amp``.
+    """
+    if device_type != "cuda":
+        return "off"
+    if amp == "bf16" and not bf16_supported:
+        log.warning(
+            "train.amp: bf16, but this GPU has no native bfloat16: training in fp16 with a GradScaler instead"
+        )
+        return "fp16"
+    return amp
+
+
+def _bf16_supported(device: torch.device) -> bool:
+    """Whether CUDA ``device`` computes in bfloat16 natively (compute capability 8.0+, or ROCm)."""
+    # Not the default including_emulation=True: pre-Ampere GPUs (V100, T4) accept bf16 tensors,
+    # so that answers True there, and their bf16 matmuls run emulated, far slower than fp16.
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def _autocast(device: torch.device, amp: str) -> torch.autocast:
-    """bf16/fp16 autocast on GPUs; CPUs train in float32 (``train.amp`` applies to GPUs only)."""
+    """bf16/fp16 autocast on GPUs for ``amp`` as `resolve_amp` gives it; CPUs train in float32."""
     enabled = device.type == "cuda" and amp != "off"
     dtype = torch.float16 if amp == "fp16" else torch.bfloat16
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
@@ -270,48 +393,44 @@ def _mean_over_ranks(values: torch.Tensor, world_size: int) -> torch.Tensor:
     return values
 
 
+def grad_norm_(params: list[torch.nn.Parameter], max_norm: float | None) -> torch.Tensor:
+    """Global L2 norm of the gradients of ``params`` before clipping (0-dim, on their device).
+
+    Clips them to ``max_norm`` when it is set. Without clipping only the norm is computed (not
+    ``clip_grad_norm_(..., inf)``'s pass multiplying every gradient by 1); either way nothing
+    is read back to the host.
+    """
+    if max_norm or not hasattr(torch.nn.utils, "get_total_norm"):  # torch < 2.6 lacks it
+        return torch.nn.utils.clip_grad_norm_(params, max_norm or math.inf, foreach=True)
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
+
+
 def train_step(
-    state: TrainState,
-    images: list[torch.Tensor],
-    targets: list[dict[str, Any]],
-    t: TrainConfig,
-    world_size: int,
-) -> StepResult:
+    state: TrainState, images: list[torch.Tensor], targets: list[dict[str, Any]], t: TrainConfig
+) -> PendingStep:
     """One optimizer step on this rank's batch; ``state.progress`` is left to the caller.
 
     ``images``: float ``[3, H, W]`` in [0, 1], sizes may differ; ``targets``: ``boxes`` float
     ``[N, 4]`` xyxy in pixels, ``labels`` int64 ``[N]`` (`pipeline.dataset.collate`'s batch).
-    Raises `NonFiniteLossError` before anything is updated, on every rank at the same step
-    (the checked loss is the mean over ranks).
+    Reads nothing back to the host (fp16's GradScaler aside, which reads its inf check): the
+    losses are checked when `TrainState.flush` reads them (see the module docstring).
     """
     iteration = state.progress.iteration + 1
     images, targets = _to_device(images, targets, state.device)
     lr = state.optimizer.param_groups[0]["lr"]
-    with _autocast(state.device, t.amp):
+    with _autocast(state.device, state.amp):
         loss_dict = state.net(images, targets)
     loss = sum(loss_dict[name] for name in LOSS_NAMES)
-    terms = _mean_over_ranks(
-        torch.stack([loss_dict[name].detach().float() for name in LOSS_NAMES]), world_size
-    )
-    values = dict(zip(LOSS_NAMES, terms.tolist(), strict=True))
-    total = float(sum(values.values()))
-    if not math.isfinite(total):
-        shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
-        raise NonFiniteLossError(
-            f"non-finite loss at iteration {iteration} (epoch {state.progress.epoch}): loss={total} "
-            f"({shown}), lr={lr:.4g}; lower train.lr or raise train.warmup_iters"
-        )
+    terms = torch.stack([loss_dict[name].detach().float() for name in LOSS_NAMES])
     optimizer, scaler = state.optimizer, state.scaler
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)  # true gradients for the norm (a no-op without fp16)
-    grad_norm = float(
-        torch.nn.utils.clip_grad_norm_(state.trainable, t.grad_clip_norm or math.inf, foreach=True)
-    )
+    grad_norm = grad_norm_(state.trainable, t.grad_clip_norm)
     scaler.step(optimizer)
     scaler.update()
     state.scheduler.step()
-    return StepResult(iteration=iteration, loss=total, terms=values, lr=lr, grad_norm=grad_norm)
+    return PendingStep(iteration, state.progress.epoch, lr, terms, grad_norm)
 
 
 def epoch_batches(dataset: Any, job: TrainJob, session: Session, epoch: int) -> list[list[int]]:
@@ -330,6 +449,34 @@ def epoch_batches(dataset: Any, job: TrainJob, session: Session, epoch: int) -> 
     if not batches:
         raise ValueError(f"{job.data_root}: the split {job.params.data.train_split} has no training image")
     return batches
+
+
+def loader_seed(seed: int, epoch: int, rank: int) -> int:
+    """Seed of the DataLoader's generator on ``rank`` for ``epoch``; DataLoader workers seed from it.
+
+    Per epoch and per rank: with ``train.loader_workers > 0`` the flips are drawn in the workers,
+    whose torch seed is ``base_seed + worker_id`` with ``base_seed`` drawn from this generator,
+    so a seed shared by all ranks would flip the same images on every rank. The rank term is a
+    prime far above any epoch count (no two (epoch, rank) pairs collide); rank 0 keeps
+    ``seed + epoch``, so one-process runs are unchanged.
+    """
+    return seed + epoch + 1_000_003 * rank
+
+
+def epoch_loader(
+    dataset: Dataset, batches: list[list[int]], t: TrainConfig, device: torch.device, epoch: int, rank: int
+) -> DataLoader:
+    """A DataLoader over ``batches`` (lists of dataset indices, in order) of ``epoch`` on ``rank``."""
+    return DataLoader(
+        dataset,
+        batch_sampler=batches,
+        collate_fn=collate,
+        num_workers=t.loader_workers,
+        pin_memory=device.type == "cuda",
+        # Its own generator: creating the iterator then draws no number from the global
+        # stream, so a run resumed mid-epoch replays the same random numbers.
+        generator=torch.Generator().manual_seed(loader_seed(t.seed, epoch, rank)),
+    )
 
 
 def _write_status(job: TrainJob, session: Session, fields: dict[str, Any]) -> None:
@@ -365,10 +512,13 @@ class _Printer:
         if enabled and sys.stderr.isatty():
             self.bar = tqdm(total=total, initial=start, desc="train", unit="it", dynamic_ncols=True)
 
-    def step(self, postfix: str) -> None:
+    def step(self) -> None:
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix_str(postfix, refresh=False)
+
+    def postfix(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=False)
 
     def line(self, text: str) -> None:
         if not self.enabled:
@@ -428,8 +578,12 @@ class RankZero:
     def line(self, text: str) -> None:
         self.printer.line(text)
 
-    def step(self, step: StepResult) -> None:
-        self.printer.step(f"loss {step.loss:.3f} lr {step.lr:.3g}")
+    def step(self) -> None:
+        """One more step on the bar (its numbers are shown by `show` once read)."""
+        self.printer.step()
+
+    def show(self, step: StepResult) -> None:
+        self.printer.postfix(f"loss {step.loss:.3f} lr {step.lr:.3g}")
 
     def log_metric_rows(self, rows: list[tuple[int, dict[str, float]]]) -> None:
         if self.enabled:
@@ -459,10 +613,13 @@ class LogWindow:
         self.images = 0
         self.rows: list[tuple[int, dict[str, float]]] = []  # (step, metrics) for MLflow
 
-    def add(self, step: StepResult, step_time: float) -> None:
+    def add(self, step_time: float) -> None:
+        """Count one step's time and images (its MLflow row comes with `collect`, once read)."""
         self.images += self.global_batch
         self.seconds += step_time
-        self.rows.append(step.mlflow_row())
+
+    def collect(self, steps: list[StepResult]) -> None:
+        self.rows.extend(step.mlflow_row() for step in steps)
 
     def due(self, iteration: int) -> bool:
         """True every ``train.log_every`` steps and at the last."""
@@ -488,19 +645,34 @@ class LogWindow:
         return images_per_s
 
 
-def report_step(
-    job: TrainJob, session: Session, state: TrainState, rank0: RankZero, window: LogWindow, step: StepResult
-) -> None:
-    """What follows a step: metrics, status and a checkpoint when they are due.
+def flush_steps(state: TrainState, window: LogWindow, rank0: RankZero, world_size: int) -> list[StepResult]:
+    """`TrainState.flush` (every rank, at the same steps), the steps' MLflow rows and the bar's numbers."""
+    steps = state.flush(world_size)
+    if steps:
+        window.collect(steps)
+        rank0.show(steps[-1])
+    return steps
 
-    Every ``train.log_every`` steps (and at the last): the window's line, this rank's status file
-    and the full metrics. Every ``train.checkpoint_every`` steps (and at the last): a checkpoint,
-    handed over by rank 0. ``session.report`` is a barrier under Ray Train: every rank reports at
-    the same steps, with the same metrics keys.
+
+def report_step(
+    job: TrainJob, session: Session, state: TrainState, rank0: RankZero, window: LogWindow
+) -> None:
+    """What follows the step just recorded: its numbers read, metrics, status and a checkpoint when due.
+
+    Every ``train.log_every`` steps (and at the last): the pending steps are read and checked
+    (`flush_steps`), then the window's line, this rank's status file and the full metrics. Every
+    ``train.checkpoint_every`` steps (and at the last): the same read, then a checkpoint, handed
+    over by rank 0. Other steps return at once, their numbers left on the device.
+    ``session.report`` is a barrier under Ray Train: every rank reports at the same steps, with
+    the same metrics keys.
     """
-    t, iteration = job.params.train, step.iteration
+    t, iteration = job.params.train, state.progress.iteration
     checkpoint_now = iteration % t.checkpoint_every == 0 or iteration >= t.iterations
-    if window.due(iteration):
+    log_now = window.due(iteration)
+    if not (log_now or checkpoint_now):
+        return
+    step = flush_steps(state, window, rank0, session.world_size)[-1]  # this step was pending
+    if log_now:
         images_per_s = window.emit(step, state, rank0)
         checksum = weights_checksum(state.model)
         metrics: dict[str, Any] = {
@@ -520,10 +692,8 @@ def report_step(
             "weights_checksum": checksum,
         }
         _write_status(job, session, status)
-    elif checkpoint_now:
-        metrics = {"iteration": iteration, "loss": step.loss, "lr": step.lr}
     else:
-        return
+        metrics = {"iteration": iteration, "loss": step.loss, "lr": step.lr}
     if checkpoint_now:
         state.last_checkpoint = iteration
     session.report(metrics, rank0.checkpoint(job, state) if checkpoint_now else None, iteration)
@@ -542,27 +712,18 @@ def train_epoch(
     Starts at batch ``batch_in_epoch`` of `epoch_batches` (the same list on every attempt), so
     a resumed epoch skips the batches it already trained on.
     """
-    t = job.params.train
-    batches = epoch_batches(dataset, job, session, state.progress.epoch)
-    loader = DataLoader(
-        dataset,
-        batch_sampler=batches[state.progress.batch_in_epoch :],
-        collate_fn=collate,
-        num_workers=t.loader_workers,
-        pin_memory=state.device.type == "cuda",
-        # Its own generator: creating the iterator then draws no number from the global
-        # stream, so a run resumed mid-epoch replays the same random numbers.
-        generator=torch.Generator().manual_seed(t.seed + state.progress.epoch),
-    )
+    t, progress = job.params.train, state.progress
+    batches = epoch_batches(dataset, job, session, progress.epoch)[progress.batch_in_epoch :]
+    loader = epoch_loader(dataset, batches, t, state.device, progress.epoch, session.rank)
     batch_iter = iter(loader)
     step_start = time.perf_counter()
     for images, targets in batch_iter:
-        step = train_step(state, images, targets, t, session.world_size)
+        step = train_step(state, images, targets, t)
         step_time = time.perf_counter() - step_start
         state.record(step, step_time, window.global_batch)
-        window.add(step, step_time)
-        rank0.step(step)
-        report_step(job, session, state, rank0, window, step)
+        window.add(step_time)
+        rank0.step()
+        report_step(job, session, state, rank0, window)
         if step.iteration >= t.iterations:
             return
         # Time spent reporting and checkpointing is not training time.
@@ -600,6 +761,9 @@ def train_loop(
         first_iteration, started = progress.iteration, time.perf_counter()
         train_epoch(job, session, state, dataset, rank0, window)
         if progress.iteration < t.iterations:
+            # The epoch's line needs its losses; every rank gets here at the same step (the
+            # sampler gives every rank as many batches), as flush's all-reduce requires.
+            flush_steps(state, window, rank0, session.world_size)
             end_epoch(state, rank0, first_iteration, started, window.global_batch)
     if state.last_checkpoint != progress.iteration:
         # Resumed a run that was already complete: report its state again so this attempt

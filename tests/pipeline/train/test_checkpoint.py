@@ -16,6 +16,8 @@ from pipeline.train.checkpoint import (
     history_tensor,
     load_checkpoint,
     progress_dict,
+    restore_rng_state,
+    rng_state,
     save_checkpoint,
 )
 from pipeline.train.sessions import LocalSession
@@ -78,3 +80,42 @@ def test_local_session_keeps_two_and_restores_the_latest(tmp_path: Path) -> None
     # A torn write (folder without its state file) is not a checkpoint.
     (tmp_path / "run" / "checkpoint_00000008").mkdir()
     assert Progress.from_dict(session.restore()["progress"]).iteration == 6
+
+
+def test_rng_state_holds_the_generators_in_use_and_restore_continues_them(tmp_path: Path) -> None:
+    saved = rng_state()
+    assert set(saved) == ({"cpu", "cuda"} if torch.cuda.is_initialized() else {"cpu"})
+    expected = torch.rand(5)
+    torch.rand(3)  # the stream moves on
+    path = save_checkpoint(tmp_path / "ck", {**state(1), "rng": saved})
+    restore_rng_state(torch.load(path, weights_only=True)["rng"])  # survives weights_only
+    assert torch.equal(torch.rand(5), expected)
+    # The layout before CUDA states were saved: a bare CPU state.
+    restore_rng_state(saved["cpu"])
+    assert torch.equal(torch.rand(5), expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_rng_state_continues_the_cuda_streams() -> None:
+    torch.cuda.init()
+    saved = rng_state()
+    assert len(saved["cuda"]) == torch.cuda.device_count()
+    expected = torch.randperm(1000, device="cuda")
+    torch.randperm(1000, device="cuda")
+    restore_rng_state(saved)
+    assert torch.equal(torch.randperm(1000, device="cuda"), expected)
+
+
+def test_cuda_states_saved_once_initialised_and_set_per_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No GPU here: stand in for two initialised devices.
+    fake = [torch.full((16,), 1, dtype=torch.uint8), torch.full((16,), 2, dtype=torch.uint8)]
+    set_calls: list[tuple[int, torch.Tensor]] = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: list(fake))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: set_calls.append((device, s)))
+    saved = rng_state()
+    assert saved["cuda"] == fake
+    restore_rng_state(saved)
+    assert [(d, s.tolist()) for d, s in set_calls] == [(0, fake[0].tolist()), (1, fake[1].tolist())]

@@ -3,19 +3,37 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 import socket
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from mlflow import MlflowClient
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset
 
 from fpn import build_detector
 from pipeline.config import params_from_dict
 from pipeline.dataset import read_data_hash
 from pipeline.model_file import load_model_file
+from pipeline.train import loop
 from pipeline.train.checkpoint import history_rows
-from pipeline.train.loop import NonFiniteLossError, TrainJob, train_worker
+from pipeline.train.loop import (
+    NonFiniteLossError,
+    TrainJob,
+    build_state,
+    checkpoint_state,
+    epoch_loader,
+    loader_seed,
+    resolve_amp,
+    seed_random_streams,
+    train_worker,
+    weights_checksum,
+)
 from pipeline.train.sessions import LocalSession
 from pipeline.train.stage import TrainOutputs, run_name, train
 from tests.train_samples import tiny_data, tiny_params
@@ -162,3 +180,172 @@ def test_mlflow_unreachable_loses_only_the_logging(
         metrics = train(params, data, out, storage_path=str(tmp_path / "runs"), use_ray=False)
     assert metrics["iterations"] == 2 and metrics["mlflow_run_id"] is None
     assert load_model_file(out.model).extra["mlflow_run_id"] is None
+
+
+def test_checkpoint_saves_and_rank0_restores_the_cuda_generators(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On a GPU the RPN/RoI samplers draw from the CUDA generator: a checkpoint that kept only the
+    # CPU state resumed them on another stream. No GPU here: stand in for one initialised device.
+    params = params_from_dict(tiny_params())
+    session = LocalSession(tmp_path)
+    state = build_state(job(params, tmp_path), session, None)
+    fake = [torch.arange(16, dtype=torch.uint8)]
+    restored: list[tuple[int, torch.Tensor]] = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: list(fake))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: restored.append((device, s)))
+    saved = checkpoint_state(job(params, tmp_path), state)
+    assert torch.equal(saved["rng"]["cuda"][0], fake[0])
+    expected = torch.rand(4)
+    seed_random_streams(job(params, tmp_path), session, saved)
+    assert torch.equal(torch.rand(4), expected), "rank 0 continues its CPU stream"
+    assert len(restored) == 1 and restored[0][0] == 0 and torch.equal(restored[0][1], fake[0])
+
+
+class Draws(Dataset):
+    """Stands in for `DetectionDataset`'s flip: each item is the uniform number it draws from torch's RNG."""
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict]:
+        return torch.rand(()), {"index": i}
+
+
+def flips(rank: int, epoch: int) -> list[bool]:
+    """The flip decisions (draw < 0.5) rank ``rank``'s loader makes in ``epoch``, with 2 loader workers."""
+    t = params_from_dict(tiny_params(loader_workers=2)).train
+    loader = epoch_loader(Draws(), [[i, i + 8] for i in range(8)], t, torch.device("cpu"), epoch, rank)
+    return [bool(draw < 0.5) for draws, _ in loader for draw in draws]
+
+
+def test_loader_workers_flip_differently_on_each_rank_and_deterministically() -> None:
+    rank0, rank1 = flips(0, epoch=3), flips(1, epoch=3)
+    assert rank0 == flips(0, epoch=3) and rank1 == flips(1, epoch=3), "each rank's flips are deterministic"
+    assert rank0 != rank1, "ranks flip different images"
+    assert rank0 != flips(0, epoch=4), "and differently each epoch"
+    assert loader_seed(7, 3, 0) == 10, "rank 0 keeps seed + epoch (one-process runs unchanged)"
+
+
+def test_bf16_falls_back_to_fp16_on_gpus_without_it(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.loop"):
+        assert resolve_amp("bf16", "cuda", bf16_supported=False) == "fp16"
+    assert "bf16" in caplog.text and "fp16" in caplog.text and "GradScaler" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.loop"):
+        assert resolve_amp("bf16", "cuda", bf16_supported=True) == "bf16"
+        assert resolve_amp("fp16", "cuda", bf16_supported=False) == "fp16"
+        assert resolve_amp("off", "cuda", bf16_supported=False) == "off"
+        assert resolve_amp("bf16", "cpu", bf16_supported=False) == "off", "CPUs train in float32"
+    assert not caplog.records
+
+
+HOST_TRANSFERS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__format__")
+
+
+class TransferCounter:
+    """Counts tensor -> host conversions made by the training loop's own code, per optimizer step.
+
+    Wraps `HOST_TRANSFERS` on ``torch.Tensor`` and counts calls whose caller is a file of
+    ``pipeline/train/`` (the model's own data-dependent syncs are not the loop's). A call made
+    while step ``k`` or its reporting runs counts for ``k``; on a GPU each is a device sync.
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.by_step: dict[int, list[str]] = {}
+        self.step = 0
+        self.clip_calls = 0
+        for name in HOST_TRANSFERS:
+            monkeypatch.setattr(torch.Tensor, name, self._wrap(name, getattr(torch.Tensor, name)))
+        step_fn, clip_fn = loop.train_step, torch.nn.utils.clip_grad_norm_
+
+        def counted_step(*args, **kwargs):
+            self.step += 1
+            return step_fn(*args, **kwargs)
+
+        def counted_clip(*args, **kwargs):
+            self.clip_calls += 1
+            return clip_fn(*args, **kwargs)
+
+        monkeypatch.setattr(loop, "train_step", counted_step)
+        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", counted_clip)
+
+    def _wrap(self, name: str, method):
+        train_dir = str(Path(loop.__file__).parent)
+
+        def wrapper(tensor, *args, **kwargs):
+            if sys._getframe(1).f_code.co_filename.startswith(train_dir):
+                self.by_step.setdefault(self.step, []).append(name)
+            return method(tensor, *args, **kwargs)
+
+        return wrapper
+
+
+@pytest.mark.parametrize("clip", [None, 10.0])
+def test_steps_between_log_lines_leave_everything_on_the_device(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clip: float | None
+) -> None:
+    params = params_from_dict(tiny_params(iterations=6, log_every=3, checkpoint_every=6, grad_clip_norm=clip))
+    session = LocalSession(tmp_path / "run")
+    counter = TransferCounter(monkeypatch)
+    train_worker(job(params, data), session)
+    monkeypatch.undo()
+    assert counter.step == 6
+    transfers = {step: counter.by_step.get(step, []) for step in range(1, 7)}
+    assert all(not transfers[step] for step in (1, 2, 4, 5)), transfers  # not log steps: no sync at all
+    assert transfers[3] and transfers[6], "log steps move the window's losses (the counter works)"
+    assert counter.clip_calls == (0 if clip is None else 6), "no clipping pass with clipping off"
+    rows = history_rows(session.restore())
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and all(r["grad_norm"] > 0 for r in rows)
+    assert [m["iteration"] for m in session.reported] == [3, 6]
+
+
+def test_weights_checksum_is_one_host_transfer(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = build_detector(params_from_dict(tiny_params()).model)
+    expected = float(sum(p.detach().double().sum().item() for p in model.parameters()))
+    counter = TransferCounter(monkeypatch)
+    checksum = weights_checksum(model)
+    monkeypatch.undo()
+    assert checksum == expected, "the same float64 sum, bit for bit"
+    assert len(counter.by_step[0]) == 1, counter.by_step
+
+
+@pytest.fixture
+def one_rank_group():
+    """A gloo process group of this process alone: enough to build DDP on the CPU."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(("norm", "broadcast"), [("bn", True), ("gn", False), ("frozen_bn", False)])
+def test_ddp_broadcasts_buffers_only_with_trainable_batchnorm(
+    tmp_path: Path, one_rank_group: None, norm: str, broadcast: bool
+) -> None:
+    session = LocalSession(tmp_path)
+    session.world_size = 2  # as a rank of two sees it: the model is wrapped in DDP
+    params = params_from_dict(tiny_params(model={"norm": norm}))
+    state = build_state(job(params, tmp_path), session, None)
+    assert isinstance(state.net, DistributedDataParallel)
+    assert state.net.broadcast_buffers is broadcast
+
+
+def test_non_finite_loss_is_caught_at_the_next_log_line_before_any_checkpoint(
+    data: Path, tmp_path: Path
+) -> None:
+    # Losses are read every log_every steps: the error comes then, naming the first bad step.
+    params = params_from_dict(
+        tiny_params(lr=1e12, warmup_iters=0, iterations=8, log_every=4, checkpoint_every=4)
+    )
+    session = LocalSession(tmp_path / "nan")
+    with pytest.raises(NonFiniteLossError) as caught:
+        train_worker(job(params, data), session)
+    found = re.search(
+        r"non-finite loss at iteration (\d) \(epoch 0\): .*found at iteration 4", str(caught.value)
+    )
+    assert found and 1 <= int(found.group(1)) <= 4, caught.value
+    assert session.checkpoints() == [] and session.reported == [], "nothing saved or reported past it"
