@@ -25,6 +25,7 @@ from tests.detection_samples import (
     synthetic_preprocessed,
     tiny_model_file,
 )
+from tests.params_files import write_params_file
 
 
 def write_params(tmp_path: Path, **evaluate_values: object) -> Path:
@@ -34,13 +35,10 @@ def write_params(tmp_path: Path, **evaluate_values: object) -> Path:
         "registered_model": f"fpn-test-{uuid.uuid4().hex[:8]}",
         **evaluate_values,
     }
-    path = tmp_path / "params.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {"data": {"val_split": "val2017"}, "train": {"experiment": "fpn-tests"}, "evaluate": values}
-        )
+    return write_params_file(
+        tmp_path / "params.yaml",
+        {"data": {"val_split": "val2017"}, "train": {"experiment": "fpn-tests"}, "evaluate": values},
     )
-    return path
 
 
 def stage_args(tmp_path: Path, params: Path, model: Path, data: Path) -> list[str]:

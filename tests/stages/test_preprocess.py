@@ -8,26 +8,18 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from pipeline.config import PreprocessConfig
 from pipeline.preprocess.stage import preprocess_dataset
 from stages.preprocess import main
+from tests.params_files import write_params_file
 
 MIN_SIZE, MAX_SIZE = 320, 512  # small for speed; the rule is the same as at 800/1333
 
 
 def params(tmp_path: Path, **preprocess: object) -> str:
-    path = tmp_path / "params.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "preprocess": {"workers": 2, **preprocess},
-                "model": {"min_size": MIN_SIZE, "max_size": MAX_SIZE},
-            }
-        )
-    )
-    return str(path)
+    raw = {"preprocess": {"workers": 2, **preprocess}, "model": {"min_size": MIN_SIZE, "max_size": MAX_SIZE}}
+    return str(write_params_file(tmp_path / "params.yaml", raw))
 
 
 @pytest.fixture(scope="module")
