@@ -185,7 +185,7 @@ def test_malformed_annotation_files_are_fatal_and_named(messy: Path, tmp_path: P
     with pytest.raises(CocoFormatError, match=rf"{ann}: 'annotations' must be a list"):
         run(messy, tmp_path / "pre")
     ann.write_text('{"images": [{"id": 1}], "annotations": [], "categories": []}')
-    with pytest.raises(CocoFormatError, match=rf"{ann}: images\[0\]\.file_name must be str"):
+    with pytest.raises(CocoFormatError, match=rf"{ann}: images\[0\]\.file_name must be a string, got None"):
         run(messy, tmp_path / "pre")
     assert not (tmp_path / "pre").exists()
 
