@@ -79,6 +79,10 @@ class PreprocessConfig:
 
     workers: int = 0  # processes; 0 = all cores
     jpeg_quality: int = 95
+    # Larger images (width x height, read from the header before decoding) are skipped and
+    # reported. COCO's largest is 640x640 (0.4 Mpx); 50 Mpx is ~150 MB decoded. PIL refuses
+    # images over ~179 Mpx (its decompression-bomb limit) whatever this says.
+    max_pixels: int = 50_000_000
     use_ray: bool = False  # Ray tasks on the cluster at RAY_ADDRESS (a local one if unset); RAY_ADDRESS alone also does
 
     def __post_init__(self) -> None:
@@ -86,6 +90,8 @@ class PreprocessConfig:
             raise ValueError(f"workers: must be >= 0 (0 = all cores), got {self.workers}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality: must be in 1..100, got {self.jpeg_quality}")
+        if self.max_pixels < 1:
+            raise ValueError(f"max_pixels: must be >= 1, got {self.max_pixels}")
 
 
 AMP_MODES = ("bf16", "fp16", "off")

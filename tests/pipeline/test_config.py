@@ -133,3 +133,9 @@ def test_lr_steps_must_come_before_the_last_iteration() -> None:
     assert params_from_dict({"train": {"iterations": 100, "lr_steps": [50, 99]}}).train.lr_steps == (50, 99)
     with pytest.raises(ConfigError, match=r"train\.lr_steps: must be < train\.iterations \(100\), got \[50, 100\]"):
         params_from_dict({"train": {"iterations": 100, "lr_steps": [50, 100]}})
+
+
+def test_preprocess_max_pixels_must_be_positive() -> None:
+    assert params_from_dict({}).preprocess.max_pixels == 50_000_000
+    with pytest.raises(ConfigError, match=r"preprocess\.max_pixels: must be >= 1, got 0"):
+        params_from_dict({"preprocess": {"max_pixels": 0}})
