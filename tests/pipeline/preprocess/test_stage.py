@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from pipeline.config import PreprocessConfig
 from pipeline.preprocess import stage
 from pipeline.preprocess.prepare_image import ImageResult, ImageTask, ResizeSpec, prepare_chunk
 from pipeline.preprocess.stage import PreprocessCrash, PreprocessError, preprocess_dataset
+from tests.image_files import with_header_size
 
 SPLITS = ("train2017", "val2017")
 SERIAL = PreprocessConfig(workers=1)
@@ -32,14 +32,6 @@ def jpeg(mode: str, size: tuple[int, int] = (64, 48), seed: int = 0) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=90)
     return buffer.getvalue()
-
-
-def with_header_size(data: bytes, width: int, height: int) -> bytes:
-    """The JPEG ``data`` with its frame header (SOF) claiming ``width`` x ``height``; the scan is unchanged."""
-    i = 2
-    while data[i + 1] not in (0xC0, 0xC1, 0xC2):  # walk the segments to the start of frame
-        i += 2 + struct.unpack(">H", data[i + 2 : i + 4])[0]
-    return data[: i + 5] + struct.pack(">HH", height, width) + data[i + 9 :]
 
 
 def png16(value: int, size: tuple[int, int] = (64, 48)) -> bytes:
