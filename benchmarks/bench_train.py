@@ -58,6 +58,7 @@ def main() -> None:
         num_workers=1,
         threads=threads,
         iterations=args.iterations,
+        lr_steps=tuple(step for step in params.train.lr_steps if step < args.iterations),
         checkpoint_every=args.iterations,
         log_every=args.iterations,
         max_failures=0,

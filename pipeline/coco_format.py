@@ -8,18 +8,26 @@ Layout (what stage fetch writes and stage preprocess reads)::
 An annotation file is a JSON object with lists ``images`` (``id``, ``file_name``, ``width``,
 ``height``), ``annotations`` (``id``, ``image_id``, ``category_id``, ``bbox`` = ``[x, y, w, h]``
 in pixels, ``area``, ``iscrowd``) and ``categories`` (``id``, ``name``); ``info`` and
-``licenses`` are optional (real files exist without them). Structural problems (not JSON, a
-missing list, an image without ``id``/``file_name``, a duplicate id) raise `CocoFormatError`
-naming the file; problems of single annotations are left to the reader to skip and report.
+``licenses`` are optional (real files exist without them). Structural problems raise
+`CocoFormatError` naming the file and the entry (``annotations[12].image_id``): not JSON, a
+missing list, an image without ``id``/``file_name``, a duplicate id, an id that is not an
+integer (``true`` is refused: Python's bool is an int, and ``image_id: true`` would land on
+image 1), a number in ``bbox``/``area`` that is not finite (``NaN``, ``Infinity``: not JSON,
+but Python reads and writes them). The ids are ``id`` of images and categories, and
+``image_id``, ``category_id`` and (optional: tools fill it in) ``id`` of annotations. Other
+problems of single annotations (not an object, a ``bbox`` of the wrong shape or with a
+non-number, an id naming no image or category) are left to the reader to skip and report.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 REQUIRED_LISTS = ("images", "annotations", "categories")
+KIND_NAMES = {int: "an integer", str: "a string"}
 
 
 class CocoFormatError(ValueError):
@@ -56,6 +64,9 @@ def read_coco(path: str | Path) -> dict[str, Any]:
             raise CocoFormatError(f"{path}: '{key}' must be a list (found {type(coco.get(key)).__name__})")
     _check_entries(path, coco["images"], "images", {"id": int, "file_name": str})
     _check_entries(path, coco["categories"], "categories", {"id": int, "name": str})
+    for i, ann in enumerate(coco["annotations"]):
+        if isinstance(ann, dict):  # a non-object is the reader's to skip
+            _check_annotation(path, i, ann)
     for i, image in enumerate(coco["images"]):
         if not is_plain_relative(image["file_name"]):
             raise CocoFormatError(
@@ -72,15 +83,38 @@ def is_plain_relative(name: str) -> bool:
     return all(part not in ("", ".", "..") for part in parts)
 
 
+def _check_field(path: Path, where: str, value: Any, kind: type) -> None:
+    """Raise `CocoFormatError` unless ``value`` is a ``kind`` (a bool is never an int here)."""
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise CocoFormatError(f"{path}: {where} must be {KIND_NAMES[kind]}, got {value!r}")
+
+
+def _check_finite(path: Path, where: str, value: Any) -> None:
+    """Raise `CocoFormatError` if ``value`` is a float that is NaN or infinite (other types pass)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise CocoFormatError(f"{path}: {where} must be a finite number, got {value!r}")
+
+
+def _check_annotation(path: Path, i: int, ann: dict[str, Any]) -> None:
+    """Integer ids and finite ``bbox``/``area`` numbers of ``annotations[i]`` (see the module docstring)."""
+    where = f"annotations[{i}]"
+    for name in ("image_id", "category_id"):
+        _check_field(path, f"{where}.{name}", ann.get(name), int)
+    if "id" in ann:
+        _check_field(path, f"{where}.id", ann["id"], int)
+    if isinstance(ann.get("bbox"), list):
+        for k, value in enumerate(ann["bbox"]):
+            _check_finite(path, f"{where}.bbox[{k}]", value)
+    _check_finite(path, f"{where}.area", ann.get("area"))
+
+
 def _check_entries(path: Path, entries: list[Any], key: str, fields: dict[str, type]) -> None:
     seen: set[int] = set()
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise CocoFormatError(f"{path}: {key}[{i}] is not an object")
         for name, kind in fields.items():
-            value = entry.get(name)
-            if not isinstance(value, kind) or isinstance(value, bool):
-                raise CocoFormatError(f"{path}: {key}[{i}].{name} must be {kind.__name__}, got {value!r}")
+            _check_field(path, f"{key}[{i}].{name}", entry.get(name), kind)
         if entry["id"] in seen:
             raise CocoFormatError(f"{path}: {key}[{i}]: duplicate id {entry['id']}")
         seen.add(entry["id"])

@@ -4,11 +4,20 @@ Each top-level section of `params.yaml` maps to one frozen dataclass below (`mod
 `fpn.ModelConfig`). Unknown or mistyped keys raise `ConfigError` naming the key, e.g.
 ``params.yaml: train.lrr: unknown key``. Paths are *not* params: they are given on each
 stage's command line in `dvc.yaml`.
+
+Conventions:
+
+* A params *file* names every section (`read_params_file`): the defaults of the dataclasses
+  are the paper's COCO recipe (ResNet-50, 800 px, 90k iterations), so a forgotten section
+  must not silently become it. An empty section (``tune: {}`` or a bare ``tune:``) takes
+  that section's defaults on purpose. `params_from_dict` (no file) takes partial dicts.
+* Floats are finite: ``.inf`` and ``.nan`` are refused for every float key (`_check_type`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -70,6 +79,10 @@ class PreprocessConfig:
 
     workers: int = 0  # processes; 0 = all cores
     jpeg_quality: int = 95
+    # Larger images (width x height, read from the header before decoding) are skipped and
+    # reported. COCO's largest is 640x640 (0.4 Mpx); 50 Mpx is ~150 MB decoded. PIL refuses
+    # images over ~179 Mpx (its decompression-bomb limit) whatever this says.
+    max_pixels: int = 50_000_000
     use_ray: bool = False  # Ray tasks on the cluster at RAY_ADDRESS (a local one if unset); RAY_ADDRESS alone also does
 
     def __post_init__(self) -> None:
@@ -77,6 +90,8 @@ class PreprocessConfig:
             raise ValueError(f"workers: must be >= 0 (0 = all cores), got {self.workers}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality: must be in 1..100, got {self.jpeg_quality}")
+        if self.max_pixels < 1:
+            raise ValueError(f"max_pixels: must be >= 1, got {self.max_pixels}")
 
 
 AMP_MODES = ("bf16", "fp16", "off")
@@ -131,6 +146,10 @@ class TrainConfig:
             raise ValueError(f"warmup_factor: must be in (0, 1], got {self.warmup_factor}")
         if any(b <= a for a, b in zip((0, *self.lr_steps), self.lr_steps, strict=False)):
             raise ValueError(f"lr_steps: must be increasing iterations >= 1, got {list(self.lr_steps)}")
+        if self.lr_steps and self.lr_steps[-1] >= self.iterations:
+            raise ValueError(
+                f"lr_steps: must be < train.iterations ({self.iterations}), got {list(self.lr_steps)}"
+            )
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp: must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
         if not 0.0 <= self.flip_prob <= 1.0:
@@ -304,6 +323,8 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
+        if float in args and isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         for arg in args:
             try:
                 return _check_type(value, arg, where)
@@ -330,9 +351,11 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
     if annotation is Any:
         return value
     if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return float(value)
     if annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -385,7 +408,8 @@ def params_from_dict(raw: dict[str, Any], *, where: str = "params") -> Params:
 def read_params_file(path: str | Path) -> dict[str, Any]:
     """The params file as a checked nested dict (every key and value as `load_params` checks them).
 
-    For callers that change it before typing it (stage tune merges each trial's sample in).
+    Every section of `Params` must be present (see the module docstring). For callers that
+    change the dict before typing it (stage tune merges each trial's sample in).
     """
     path = Path(path)
     try:
@@ -396,8 +420,20 @@ def read_params_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if raw is None:  # an empty file would otherwise mean every default: the full COCO recipe
         raise ConfigError(f"{path}: empty params file (copy the project's params.yaml and edit it)")
-    params_from_dict(raw, where=str(path))  # errors name the file
+    params_from_dict(raw, where=str(path))  # errors name the file; a mistyped section first
+    _check_every_section(raw, path)
     return raw
+
+
+def _check_every_section(raw: dict[str, Any], path: Path) -> None:
+    """Raise `ConfigError` naming the sections of `Params` that ``raw`` (a params file) lacks."""
+    missing = [f.name for f in dataclasses.fields(Params) if f.name not in raw]
+    if missing:
+        raise ConfigError(
+            f"{path}: missing section(s) {', '.join(missing)}: a params file names every section, as "
+            "its defaults are the paper's COCO recipe (ResNet-50, 800 px, 90k iterations); copy them "
+            f"from the project's params.yaml, or write e.g. '{missing[0]}: {{}}' to take its defaults"
+        )
 
 
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:

@@ -12,11 +12,13 @@ labels 1..K, and writes ``<out>/<split>/{images/,index.json}``, ``categories.jso
 set ``preprocess.use_ray: true`` or ``RAY_ADDRESS=ray://host:10001`` (images travel to the
 tasks as bytes, so nodes need the project installed but no shared filesystem). No GPU needed.
 
-Bad images and annotations are skipped and reported; a malformed annotation file or a split
-without a usable image exits 1 naming the file.
+Bad images and annotations are skipped and reported (an image over preprocess.max_pixels or
+whose size differs from its annotation's width/height is one); a malformed annotation file or
+a split without a usable image exits 2 naming the file. A worker process that dies (killed
+for memory, a crash) exits 1 naming the images it may have held and how to rerun.
 
 Params read: data.{train_split, val_split}, model.{min_size, max_size, num_classes},
-preprocess.{workers, jpeg_quality, use_ray}.
+preprocess.{workers, jpeg_quality, max_pixels, use_ray}.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from pipeline.cluster import ClusterError
 from pipeline.coco_format import CocoFormatError
 from pipeline.config import ConfigError, load_params
 from pipeline.io import OutputError
-from pipeline.preprocess.stage import PreprocessError, preprocess_dataset
-from stages.cli import fail
+from pipeline.preprocess.stage import PreprocessCrash, PreprocessError, preprocess_dataset
+from stages.cli import FAILED, fail
 
 SHOWN_PROBLEMS = 10
 
@@ -66,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (ConfigError, CocoFormatError, PreprocessError, ClusterError, OutputError) as err:
         return fail("preprocess", err)
+    except PreprocessCrash as err:
+        return fail("preprocess", err, FAILED)
     for problem in summary.problems[:SHOWN_PROBLEMS]:
         print(f"warning: {problem['message']}", file=sys.stderr)
     if len(summary.problems) > SHOWN_PROBLEMS:

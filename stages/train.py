@@ -37,9 +37,11 @@ import logging
 import sys
 from pathlib import Path
 
+from pipeline.cluster import ClusterError
 from pipeline.config import ConfigError, load_params
+from pipeline.dataset import DatasetError
 from pipeline.train.stage import TrainOutputs, train
-from stages.cli import fail
+from stages.cli import FAILED, fail
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,8 +69,10 @@ def main(argv: list[str] | None = None) -> int:
             use_ray=not args.no_ray,
             status_dir=args.status_dir,
         )
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, DatasetError, FileNotFoundError) as err:
         return fail("train", err)
+    except ClusterError as err:  # Ray could not be started or reached: not the input's fault
+        return fail("train", err, FAILED)
     print(
         f"stages.train: {metrics['iterations']} iterations, loss {metrics['loss']:.4f}, "
         f"{metrics['images_per_s']:.2f} img/s, {metrics['wall_time_s']:.0f} s; run {metrics['run_name']}, "

@@ -10,11 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from pipeline.config import DataConfig, PreprocessConfig
 from pipeline.fetch.synthetic import generate_synthetic
 from pipeline.preprocess.stage import preprocess_dataset
+from tests.params_files import write_params_file
 
 TINY_MODEL: dict[str, Any] = {
     "backbone": "resnet18",
@@ -76,5 +75,5 @@ def tiny_params(model: dict[str, Any] | None = None, **train: Any) -> dict[str, 
 
 
 def write_params(path: Path, raw: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
+    """``raw`` as a params file (the sections it lacks written empty: their defaults); returns ``path``."""
+    return write_params_file(path, raw)

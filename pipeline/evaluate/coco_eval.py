@@ -14,7 +14,11 @@ Conventions (COCO's):
 pycocotools traps handled here: ``loadRes([])`` raises (no detections is
 evaluated against an empty result set instead: AP 0), ground truth without ``iscrowd``/``area``
 raises (filled in: ``iscrowd = 0``, ``area = w * h`` of the box), results on image ids the ground
-truth lacks fail an ``assert`` (checked first: `EvaluationError` naming the ids).
+truth lacks fail an ``assert`` (checked first: `EvaluationError` naming the ids), and NaN
+scores or string boxes are taken or crash deep inside: every result and ground-truth entry is
+checked first (integer ``image_id``/``category_id``, never a bool; ``bbox`` 4 finite numbers;
+``score`` a finite number), the error naming the source, the index and the key, e.g.
+``results.json[3].score: must be a finite number, got nan``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import contextlib
 import copy
 import io
 import json
+import math
+import numbers
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -100,8 +106,9 @@ def ground_truth_from_dict(dataset: dict[str, Any], *, where: str = "ground trut
     dataset = dict(dataset)
     annotations = []
     for i, ann in enumerate(dataset["annotations"]):
-        if "bbox" not in ann or "image_id" not in ann or "category_id" not in ann:
+        if not isinstance(ann, dict) or "bbox" not in ann or "image_id" not in ann or "category_id" not in ann:
             raise EvaluationError(f"{where}: annotations[{i}] lacks bbox, image_id or category_id")
+        _check_entry_values(ann, f"{where}: annotations[{i}]")
         ann = dict(ann)
         ann.setdefault("iscrowd", 0)
         ann.setdefault("area", float(ann["bbox"][2]) * float(ann["bbox"][3]))
@@ -144,8 +151,9 @@ def read_results(
             raise EvaluationError(
                 f"{where}[{i}]: expected image_id, category_id, bbox and score, got {det!r}"
             )
-        if len(det["bbox"]) != 4:
-            raise EvaluationError(f"{where}[{i}]: bbox must be [x, y, w, h], got {det['bbox']!r}")
+        _check_entry_values(det, f"{where}[{i}]")
+        if not _is_finite_number(det["score"]):
+            raise EvaluationError(f"{where}[{i}].score: must be a finite number, got {det['score']!r}")
         checked.append(
             {
                 "image_id": det["image_id"],
@@ -155,6 +163,22 @@ def read_results(
             }
         )
     return checked
+
+
+def _is_finite_number(value: Any) -> bool:
+    """A real number (numpy's too; not a bool) that is neither NaN nor infinite."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_entry_values(entry: dict[str, Any], where: str) -> None:
+    """Integer ``image_id``/``category_id`` and a ``bbox`` of 4 finite numbers, or `EvaluationError`
+    naming ``where`` and the key."""
+    for key in ("image_id", "category_id"):
+        if not isinstance(entry[key], numbers.Integral) or isinstance(entry[key], bool):
+            raise EvaluationError(f"{where}.{key}: must be an integer, got {entry[key]!r}")
+    bbox = entry["bbox"]
+    if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(_is_finite_number(v) for v in bbox)):
+        raise EvaluationError(f"{where}.bbox: must be 4 finite numbers [x, y, w, h], got {bbox!r}")
 
 
 def _check_ids(gt: COCO, results: list[dict[str, Any]], where: str, *, check_categories: bool = True) -> None:

@@ -14,7 +14,9 @@ triangle   9            shape (any rotation); hue near blue
 The ids are deliberately non-contiguous (and differ from the contiguous labels 1..3), so a
 pipeline that confuses COCO category ids with labels fails on it. Object sizes (the side of
 the tight box) are drawn in three bands: small 8-24 px (most objects: they need the fine
-pyramid levels), medium 24-64 px and large 64 px up to 3/4 of the shorter image side.
+pyramid levels), medium 24-64 px and large 64 px up to 3/4 of the shorter image side (no
+large object in images whose shorter side is under 86 px, as 3/4 of it is under 64 px; the
+smallest accepted side, 64 px, keeps small and medium objects up to 48 px).
 Objects do not overlap (boxes keep a 2 px gap), their colour stands out from the background
 under them (MIN_CONTRAST), about 8% of the images are empty, and faint line and ring
 outlines act as distractors. Shapes are antialiased (4x supersampled) and the
@@ -179,6 +181,8 @@ def _place_shapes(rng: np.random.Generator, width: int, height: int) -> list[Sha
     shapes: list[Shape] = []
     for (low, high), count in reversed(list(zip(SIZE_BANDS, counts, strict=True))):
         high = largest if high is None else min(high, largest)
+        if high <= low:  # sides under ~86 px: no room for the large band (its count is still drawn)
+            continue
         for _ in range(count):
             size = math.exp(rng.uniform(math.log(low), math.log(high)))
             name = CATEGORIES[int(rng.integers(len(CATEGORIES)))]["name"]

@@ -11,6 +11,12 @@ generator over data much larger than memory, e.g. the bytes of COCO's 118k image
   this process already joined (``ray.init``), or on a new local one. ``fn`` and its
   arguments travel by value, so the nodes need the project installed but no shared
   filesystem: give ``fn`` bytes, not paths.
+
+A process-pool worker that dies (killed by the OOM killer, a crash in native code) raises
+`WorkerDied` carrying the chunks that were submitted and not finished, in submission order,
+instead of a bare ``BrokenProcessPool``. Workers take chunks first in, first out, so the one
+the dead worker held is among the first ``workers`` of them. In process (``workers == 1``)
+there is no one else to tell.
 """
 
 from __future__ import annotations
@@ -19,12 +25,21 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
 from pipeline.cluster import available_cores, connected
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+class WorkerDied(RuntimeError):
+    """A worker process died while ``chunks`` (submitted, not finished; in submission order) were in flight."""
+
+    def __init__(self, chunks: list[Any], cause: BaseException) -> None:
+        super().__init__(f"a worker process died with {len(chunks)} chunk(s) in flight ({cause})")
+        self.chunks = chunks
 
 
 def use_ray_requested(flag: bool) -> bool:
@@ -50,8 +65,9 @@ def ordered_map(
         return
     with ProcessPoolExecutor(max_workers=workers) as pool:
         yield from _windowed(
-            lambda chunk: pool.submit(fn, chunk, *args), lambda f: f.result(), chunks, 2 * workers
-        )
+            lambda chunk: pool.submit(fn, chunk, *args), lambda f: f.result(), chunks, 2 * workers,
+            died=(BrokenProcessPool,), finished=lambda f: f.done() and f.exception() is None,
+        )  # fmt: skip
 
 
 def _ray_map(fn: Callable[..., R], chunks: Iterable[T], args: tuple[Any, ...]) -> Iterator[R]:
@@ -65,13 +81,32 @@ def _ray_map(fn: Callable[..., R], chunks: Iterable[T], args: tuple[Any, ...]) -
 
 
 def _windowed(
-    submit: Callable[[T], Any], result: Callable[[Any], R], chunks: Iterable[T], window: int
+    submit: Callable[[T], Any],
+    result: Callable[[Any], R],
+    chunks: Iterable[T],
+    window: int,
+    *,
+    died: tuple[type[BaseException], ...] = (),
+    finished: Callable[[Any], bool] = lambda handle: False,
 ) -> Iterator[R]:
-    """Keep up to ``window`` submitted chunks in flight; yield their results in submission order."""
-    pending: deque[Any] = deque()
+    """Keep up to ``window`` submitted chunks in flight; yield their results in submission order.
+
+    An exception of a type in ``died`` (a worker is gone) becomes `WorkerDied` with the chunks in
+    flight whose handle is not ``finished`` (done with a result).
+    """
+    pending: deque[tuple[T, Any]] = deque()
+
+    def next_result() -> R:
+        try:
+            return result(pending[0][1])
+        except died as err:
+            raise WorkerDied([chunk for chunk, handle in pending if not finished(handle)], err) from err
+        finally:
+            pending.popleft()
+
     for chunk in chunks:
-        pending.append(submit(chunk))
+        pending.append((chunk, submit(chunk)))
         if len(pending) >= window:
-            yield result(pending.popleft())
+            yield next_result()
     while pending:
-        yield result(pending.popleft())
+        yield next_result()

@@ -20,9 +20,13 @@ background).
 Bad input: a structurally malformed annotation file, conflicting categories, or a split
 with no usable image raise `PreprocessError`/`CocoFormatError` naming the file. Everything
 smaller is reported and skipped: an annotation with a malformed ``bbox``, an unknown image
-or category (the annotation); a missing, unreadable, truncated or corrupt image (the image);
-a box outside the image (clipped; dropped if degenerate). Grayscale/CMYK images are
-converted, not skipped.
+or category (the annotation); a missing, unreadable, truncated or corrupt image, one over
+``preprocess.max_pixels`` or whose header size differs from the annotation file's
+``width``/``height`` (the image); a box outside the image (clipped; dropped if degenerate).
+Grayscale/CMYK/16-bit images are converted, not skipped.
+
+A worker process that dies (e.g. killed for memory) raises `PreprocessCrash`, naming the
+images it may have held and how to rerun; nothing is written.
 """
 
 from __future__ import annotations
@@ -41,19 +45,24 @@ from pipeline.cluster import available_cores
 from pipeline.coco_format import annotation_path, image_dir, read_coco, write_json
 from pipeline.config import PreprocessConfig
 from pipeline.io import atomic_directory, check_output_folder
-from pipeline.preprocess.parallel import ordered_map, use_ray_requested
+from pipeline.preprocess.parallel import WorkerDied, ordered_map, use_ray_requested
 from pipeline.preprocess.prepare_image import ImageTask, ObjectBox, ResizeSpec, prepare_chunk, problem
 
 MAX_LISTED_PROBLEMS = 10_000  # report.json lists at most this many; the counts stay complete
+SHOWN_IN_FLIGHT = 50  # images named when a worker dies; the dead one held one of the first chunks
 COUNT_KEYS = (
     "images_listed", "images_written", "images_skipped", "images_missing", "images_converted",
-    "size_mismatches", "annotations", "annotations_skipped", "boxes", "crowd_boxes",
-    "boxes_clipped", "boxes_dropped",
+    "images_too_large", "size_mismatches", "annotations", "annotations_skipped", "boxes",
+    "crowd_boxes", "boxes_clipped", "boxes_dropped",
 )  # fmt: skip
 
 
 class PreprocessError(RuntimeError):
     """A dataset that cannot be preprocessed at all; the message names the file."""
+
+
+class PreprocessCrash(RuntimeError):
+    """A worker died (not bad input); the message names the images in flight and how to rerun."""
 
 
 @dataclass(frozen=True)
@@ -79,14 +88,14 @@ def preprocess_dataset(
 ) -> PreprocessSummary:
     """Write the preprocessed format for ``splits`` of ``coco_root`` into ``out`` (see the module docstring).
 
-    Reads preprocess.workers, preprocess.jpeg_quality, preprocess.use_ray (and RAY_ADDRESS);
-    ``min_size``/``max_size`` are the model's.
+    Reads preprocess.workers, preprocess.jpeg_quality, preprocess.max_pixels, preprocess.use_ray
+    (and RAY_ADDRESS); ``min_size``/``max_size`` are the model's.
     """
     coco_root = Path(coco_root)
     check_output_folder(out, "preprocess", force=force, inputs=[coco_root])  # before any work
     cocos = {split: read_coco(annotation_path(coco_root, split)) for split in splits}
     categories = contiguous_categories({annotation_path(coco_root, s): c for s, c in cocos.items()})
-    spec = ResizeSpec(min_size, max_size, cfg.jpeg_quality)
+    spec = ResizeSpec(min_size, max_size, cfg.jpeg_quality, cfg.max_pixels)
     workers = cfg.workers or available_cores()
     use_ray = use_ray_requested(cfg.use_ray)
     counts: dict[str, dict[str, int]] = {}
@@ -189,29 +198,53 @@ def _prepare_split(
                 counts["images_skipped"] += 1
                 bar.update(1)
                 continue
-            declared = (image.get("width"), image.get("height"))
             yield ImageTask(
                 image_id=image["id"],
                 file=str(path),
                 data=data,
                 objects=tuple(objects.get(image["id"], ())),
-                declared_size=declared if all(isinstance(v, int) for v in declared) else None,  # type: ignore[arg-type]
+                declared_size=_declared_size(image),
             )
 
     chunk = max(1, min(16, len(coco["images"]) // (4 * workers)))
-    with bar:
-        for results in ordered_map(
-            prepare_chunk, _chunks(tasks(), chunk), spec, workers=workers, use_ray=use_ray
-        ):
-            for result in results:
-                problems.extend(result.problems)
-                for key, value in result.counts.items():
-                    counts[key] += value
-                if result.jpeg is not None and result.record is not None:
-                    (images_out / f"{result.image_id}.jpg").write_bytes(result.jpeg)
-                    records.append(result.record)
-            bar.update(len(results))
+    try:
+        with bar:
+            for results in ordered_map(
+                prepare_chunk, _chunks(tasks(), chunk), spec, workers=workers, use_ray=use_ray
+            ):
+                for result in results:
+                    problems.extend(result.problems)
+                    for key, value in result.counts.items():
+                        counts[key] += value
+                    if result.jpeg is not None and result.record is not None:
+                        (images_out / f"{result.image_id}.jpg").write_bytes(result.jpeg)
+                        records.append(result.record)
+                bar.update(len(results))
+    except WorkerDied as err:
+        raise PreprocessCrash(_crash_message(ann_file, image_dir(coco_root, split), err.chunks)) from err
     return {"split": split, "annotation_file": str(ann_file), "images": records}, counts, problems
+
+
+def _declared_size(image: dict[str, Any]) -> tuple[int, int] | None:
+    """``(width, height)`` from the annotation file, or None unless both are integers (not bools)."""
+    declared = (image.get("width"), image.get("height"))
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in declared):
+        return declared  # type: ignore[return-value]
+    return None
+
+
+def _crash_message(ann_file: Path, folder: Path, chunks: list[list[ImageTask]]) -> str:
+    """The images not finished when a worker died (in submission order: the first chunks were the
+    running ones, one held the culprit) and how to find it; names relative to the split's ``folder``."""
+    names = [str(Path(task.file).relative_to(folder)) for chunk in chunks for task in chunk]
+    more = len(names) - SHOWN_IN_FLIGHT
+    shown = ", ".join(names[:SHOWN_IN_FLIGHT]) + (f" and {more} more" if more > 0 else "")
+    return (
+        f"{ann_file}: a preprocess worker died (killed, e.g. out of memory, or crashed) while preparing one "
+        f"of these {len(names)} unfinished images of {folder} (the first ones were running): {shown}. "
+        "Nothing was written. Rerun with preprocess.workers: 1 to find the image (the progress bar stops "
+        "at it), or lower preprocess.max_pixels if memory ran out"
+    )
 
 
 def _read_objects(

@@ -85,12 +85,20 @@ def train(
     use_ray: bool = True,
     status_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Train, write ``outputs``, and return the metrics written to ``outputs.metrics``."""
-    from pipeline.dataset import read_categories, read_data_hash
+    """Train, write ``outputs``, and return the metrics written to ``outputs.metrics``.
+
+    Raises `ConfigError` for bad params and `DatasetError` naming ``data_root`` when it is not
+    a folder written by stage preprocess, both before any work.
+    """
+    from pipeline.dataset import DatasetError, read_categories, read_data_hash
 
     started = time.perf_counter()
     check_train_params(params)
     data_root = Path(data_root).resolve()
+    if not data_root.is_dir():
+        raise DatasetError(
+            f"{data_root}: no such folder (--data is the output of stage preprocess, e.g. data/preprocessed)"
+        )
     categories = read_categories(data_root)
     check_num_classes(params, categories, f"{data_root / 'categories.json'}")
     data_hash = read_data_hash(data_root)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fpn import ModelConfig
 from pipeline.config import ConfigError, Params, load_params, params_from_dict
+from tests.params_files import write_params_file
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -16,6 +20,12 @@ def test_repo_params_load() -> None:
     params = load_params(REPO_ROOT / "params.yaml")
     assert isinstance(params.model, ModelConfig)
     assert params.data.source == "synthetic"
+
+
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "params").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_params_file_names_every_section(path: Path) -> None:
+    assert set(yaml.safe_load(path.read_text())) == {f.name for f in dataclasses.fields(Params)}
+    load_params(path)
 
 
 def test_paper_recipe_params_load() -> None:
@@ -53,8 +63,7 @@ def test_bad_keys_and_types_are_named(raw: dict, needle: str) -> None:
 
 
 def test_overrides_and_missing_file(tmp_path: Path) -> None:
-    path = tmp_path / "params.yaml"
-    path.write_text("train:\n  lr: 0.01\n")
+    path = write_params_file(tmp_path / "params.yaml", {"train": {"lr": 0.01}})
     assert load_params(path, {"train.lr": 0.5}).train.lr == 0.5
     with pytest.raises(ConfigError, match="not found"):
         load_params(tmp_path / "absent.yaml")
@@ -64,14 +73,13 @@ def test_overrides_and_missing_file(tmp_path: Path) -> None:
 
 
 def test_values_are_checked_when_read_and_an_empty_file_is_an_error(tmp_path: Path) -> None:
-    params = tmp_path / "params.yaml"
-    params.write_text("train:\n  lr: -1\n")
+    params = write_params_file(tmp_path / "params.yaml", {"train": {"lr": -1}})
     with pytest.raises(ConfigError, match=r"params\.yaml: train\.lr: must be > 0, got -1"):
         load_params(params)
     params.write_text("")
     with pytest.raises(ConfigError, match=r"params\.yaml: empty params file"):
         load_params(params)
-    params.write_text("evaluate:\n  draw_score_thresh: 2\n")
+    write_params_file(params, {"evaluate": {"draw_score_thresh": 2}})
     with pytest.raises(ConfigError, match=r"params\.yaml: evaluate\.draw_score_thresh: must be in \[0, 1\]"):
         load_params(params)
 
@@ -81,3 +89,60 @@ def test_a_path_that_was_a_param_says_where_it_went(tmp_path: Path) -> None:
     params.write_text("train:\n  storage_path: runs/ray\n")
     with pytest.raises(ConfigError, match=r"train\.storage_path: a path, not a param: give it as --storage-path"):
         load_params(params)
+
+
+def test_a_params_file_must_name_every_section(tmp_path: Path) -> None:
+    """A forgotten section would silently be the COCO recipe (ResNet-50, 800 px, 90k iterations)."""
+    path = tmp_path / "params.yaml"
+    path.write_text("data:\n  seed: 1\ntrain:\n  lr: 0.01\nmodel: {}\n")
+    with pytest.raises(
+        ConfigError, match=r"params\.yaml: missing section\(s\) preprocess, evaluate, profile, tune, ablate"
+    ):
+        load_params(path)
+    path.write_text("".join(f"{f.name}:\n" for f in dataclasses.fields(Params)))  # present, empty: defaults
+    assert load_params(path) == Params()
+    assert params_from_dict({"train": {"lr": 0.01}}).train.lr == 0.01, "dicts (tests) may stay partial"
+
+
+def _float_keys() -> list[tuple[str, str, typing.Any]]:
+    """Every ``(section, key, type)`` holding floats: ``float``, ``float | None``, tuples of floats."""
+    keys = []
+    for section in dataclasses.fields(Params):
+        for name, hint in typing.get_type_hints(section.default_factory).items():
+            if hint is float or float in typing.get_args(hint):
+                keys.append((section.name, name, hint))
+    return keys
+
+
+def _with_last(hint: typing.Any, value: float) -> typing.Any:
+    """``value``, or a list of valid floats ending in ``value`` when ``hint`` is a tuple type."""
+    if typing.get_origin(hint) is not tuple:
+        return value
+    args = typing.get_args(hint)
+    return [1.0] * (0 if args[-1] is Ellipsis else len(args) - 1) + [value]
+
+
+@pytest.mark.parametrize(("section", "key", "hint"), _float_keys(), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")], ids=["inf", "-inf", "nan"])
+def test_every_float_param_refuses_non_finite_values(section: str, key: str, hint: typing.Any, value: float) -> None:
+    with pytest.raises(ConfigError, match=rf"{section}\.{key}(\[\d+\])?: expected a finite number"):
+        params_from_dict({section: {key: _with_last(hint, value)}})
+
+
+def test_yaml_inf_is_refused_when_the_file_is_read(tmp_path: Path) -> None:
+    path = write_params_file(tmp_path / "params.yaml", {"train": {"lr": 0.01}})
+    path.write_text(path.read_text().replace("lr: 0.01", "lr: .inf"))
+    with pytest.raises(ConfigError, match=r"params\.yaml: train\.lr: expected a finite number, got inf"):
+        load_params(path)
+
+
+def test_lr_steps_must_come_before_the_last_iteration() -> None:
+    assert params_from_dict({"train": {"iterations": 100, "lr_steps": [50, 99]}}).train.lr_steps == (50, 99)
+    with pytest.raises(ConfigError, match=r"train\.lr_steps: must be < train\.iterations \(100\), got \[50, 100\]"):
+        params_from_dict({"train": {"iterations": 100, "lr_steps": [50, 100]}})
+
+
+def test_preprocess_max_pixels_must_be_positive() -> None:
+    assert params_from_dict({}).preprocess.max_pixels == 50_000_000
+    with pytest.raises(ConfigError, match=r"preprocess\.max_pixels: must be >= 1, got 0"):
+        params_from_dict({"preprocess": {"max_pixels": 0}})

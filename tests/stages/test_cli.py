@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.params_files import write_params_file
+
 ARGS = {  # every required path, under the test's folder ({tmp})
     "fetch": "--out {tmp}/coco",
     "preprocess": "--coco {tmp}/coco --out {tmp}/pre",
@@ -36,8 +38,8 @@ def test_a_mistyped_key_exits_2_with_one_line(
 def test_out_never_deletes_a_users_folder_or_the_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from stages import fetch, preprocess
 
-    params = tmp_path / "params.yaml"
-    params.write_text("data:\n  synthetic_train_images: 2\n  synthetic_val_images: 2\n")
+    tiny = {"data": {"synthetic_train_images": 2, "synthetic_val_images": 2}}
+    params = write_params_file(tmp_path / "params.yaml", tiny)
     mine = tmp_path / "some" / "folder" / "of" / "mine"
     mine.mkdir(parents=True)
     (mine / "notes.txt").write_text("mine")
@@ -52,6 +54,6 @@ def test_out_never_deletes_a_users_folder_or_the_input(tmp_path: Path, capsys: p
     assert "holds the input" in capsys.readouterr().err
     assert sorted(p.relative_to(coco) for p in coco.rglob("*")) == before
     local = ["--params", str(params), "--local-dir", str(coco), "--out", str(tmp_path)]
-    params.write_text("data:\n  source: local\n")
+    write_params_file(params, {"data": {"source": "local"}})
     assert fetch.main([*local, "--force"]) == 2  # the source inside the output: refused even forced
     assert sorted(p.relative_to(coco) for p in coco.rglob("*")) == before

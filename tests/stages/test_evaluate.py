@@ -25,6 +25,7 @@ from tests.detection_samples import (
     synthetic_preprocessed,
     tiny_model_file,
 )
+from tests.params_files import write_params_file
 
 
 def write_params(tmp_path: Path, **evaluate_values: object) -> Path:
@@ -34,13 +35,10 @@ def write_params(tmp_path: Path, **evaluate_values: object) -> Path:
         "registered_model": f"fpn-test-{uuid.uuid4().hex[:8]}",
         **evaluate_values,
     }
-    path = tmp_path / "params.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {"data": {"val_split": "val2017"}, "train": {"experiment": "fpn-tests"}, "evaluate": values}
-        )
+    return write_params_file(
+        tmp_path / "params.yaml",
+        {"data": {"val_split": "val2017"}, "train": {"experiment": "fpn-tests"}, "evaluate": values},
     )
-    return path
 
 
 def stage_args(tmp_path: Path, params: Path, model: Path, data: Path) -> list[str]:
@@ -93,6 +91,34 @@ def test_score_mode_names_unknown_image_ids(
         evaluate.main(["--annotations", str(annotations), "--results", str(tmp_path / "results.json")]) == 2
     )
     assert "1 image id(s) not in the ground truth: 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"score": float("nan")}, "[1].score: must be a finite number, got nan"),
+        ({"bbox": ["a", 0, 5, 5]}, "[1].bbox: must be 4 finite numbers [x, y, w, h], got ['a', 0, 5, 5]"),
+    ],
+)
+def test_score_mode_refuses_bad_numbers_naming_file_index_and_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture, bad: dict, message: str
+) -> None:
+    good = {"image_id": 1, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 1.0}
+    annotations = tmp_path / "gt.json"
+    annotations.write_text(
+        json.dumps(
+            {
+                "images": [{"id": 1, "width": 10, "height": 10}],
+                "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 5, 5]}],
+                "categories": [{"id": 1, "name": "a"}],
+            }
+        )
+    )
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps([good, {**good, **bad}]))
+    assert evaluate.main(["--annotations", str(annotations), "--results", str(results)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"stages.evaluate: error: {results}{message}\n"
 
 
 @pytest.mark.slow  # two registrations / evaluations through the server: ~15-45 s

@@ -11,11 +11,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import yaml
 
 from stages.fetch import main
 from tests.coco_host import ERROR_PAGE, lay_out_like_cocodataset, serve
 from tests.conftest import free_port
+from tests.params_files import write_params_file
 
 SPLITS = ("train2017", "val2017")
 
@@ -26,9 +26,7 @@ def coco_host_root(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) 
 
 
 def params(tmp_path: Path, **data: object) -> str:
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump({"data": data}))
-    return str(path)
+    return str(write_params_file(tmp_path / "params.yaml", {"data": data}))
 
 
 def leftovers(folder: Path) -> list[str]:

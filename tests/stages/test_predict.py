@@ -16,6 +16,7 @@ from pipeline.tracking.registry import register_model
 from pipeline.tracking.run import TrackedRun, mlflow_client
 from stages import predict
 from tests.detection_samples import read_categories, synthetic_preprocessed, tiny_model_file
+from tests.image_files import with_header_size
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +123,46 @@ def test_bad_model_and_image_get_clear_errors(
     broken.write_bytes(b"\xff\xd8 not really a jpeg")
     assert predict.main(["--model", str(model), "--out", str(tmp_path / "out"), str(broken)]) == 2
     assert f"{broken}: cannot read image" in capsys.readouterr().err
+
+
+def test_a_missing_second_image_fails_before_anything_is_written(
+    inputs: tuple[Path, list[Path]], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The first picture used to be written, then a traceback, and no detections.json."""
+    model, images = inputs
+    out = tmp_path / "out"
+    assert predict.main(["--model", str(model), "--out", str(out), str(images[0]), str(tmp_path / "gone.jpg")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"stages.predict: error: {tmp_path / 'gone.jpg'}: image not found\n"
+    assert not out.exists()
+
+
+def test_a_decompression_bomb_exits_2_naming_the_file(
+    inputs: tuple[Path, list[Path]], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A JPEG claiming 20000x20000 (400 Mpx) raised PIL's DecompressionBombError as a traceback."""
+    model, images = inputs
+    bomb = tmp_path / "bomb.jpg"
+    bomb.write_bytes(with_header_size(images[0].read_bytes(), 20000, 20000))
+    out = tmp_path / "out"
+    assert predict.main(["--model", str(model), "--out", str(out), str(images[0]), str(bomb)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"stages.predict: error: {bomb}: too large to decode (Image size (400000000 pixels)")
+    assert err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_an_image_that_fails_to_decode_late_leaves_no_partial_output(
+    inputs: tuple[Path, list[Path]], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A truncated file has a good header: it fails at decoding, after the first image was detected."""
+    model, images = inputs
+    truncated = tmp_path / "truncated.jpg"
+    data = images[1].read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert predict.main(["--model", str(model), "--out", str(out), str(images[0]), str(truncated)]) == 2
+    assert f"stages.predict: error: {truncated}: cannot read image" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"], "nothing written, the user's file kept"

@@ -3,31 +3,27 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from pipeline.config import PreprocessConfig
+from pipeline.preprocess import stage
+from pipeline.preprocess.prepare_image import ImageResult, ImageTask, ResizeSpec, prepare_chunk
 from pipeline.preprocess.stage import preprocess_dataset
 from stages.preprocess import main
+from tests.params_files import write_params_file
 
 MIN_SIZE, MAX_SIZE = 320, 512  # small for speed; the rule is the same as at 800/1333
 
 
 def params(tmp_path: Path, **preprocess: object) -> str:
-    path = tmp_path / "params.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "preprocess": {"workers": 2, **preprocess},
-                "model": {"min_size": MIN_SIZE, "max_size": MAX_SIZE},
-            }
-        )
-    )
-    return str(path)
+    raw = {"preprocess": {"workers": 2, **preprocess}, "model": {"min_size": MIN_SIZE, "max_size": MAX_SIZE}}
+    return str(write_params_file(tmp_path / "params.yaml", raw))
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +117,24 @@ def test_malformed_json_exits_1_naming_the_file(coco_mini: Path, tmp_path: Path,
     assert result.returncode == 2
     assert f"error: {broken}: not valid JSON" in result.stderr
     assert not (tmp_path / "pre").exists()
+
+
+def killed_on_5001(tasks: list[ImageTask], spec: ResizeSpec) -> list[ImageResult]:
+    """`prepare_chunk`, except that the worker given val2017/000000005001.jpg is killed (SIGKILL)."""
+    if any(task.file.endswith("000000005001.jpg") for task in tasks):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return prepare_chunk(tasks, spec)
+
+
+def test_a_killed_worker_exits_1_naming_the_images_and_the_rerun(
+    coco_mini: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """It was a bare BrokenProcessPool traceback; a crash is no bad input: exit 1, one line."""
+    monkeypatch.setattr(stage, "prepare_chunk", killed_on_5001)
+    out = tmp_path / "pre"
+    assert main(["--params", params(tmp_path), "--coco", str(coco_mini), "--out", str(out)]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert line.startswith(f"stages.preprocess: error: {coco_mini / 'annotations' / 'instances_val2017.json'}: ")
+    assert "a preprocess worker died" in line and "000000005001.jpg" in line
+    assert "Rerun with preprocess.workers: 1" in line
+    assert not out.exists()

@@ -29,6 +29,12 @@ profile:
   iterations: 1
   devices: [cpu]
   threads: 2
+data: {}
+preprocess: {}
+model: {}
+evaluate: {}
+tune: {}
+ablate: {}
 """
 CATEGORIES = [{"label": k, "id": k, "name": f"class{k}"} for k in (1, 2, 3)]
 

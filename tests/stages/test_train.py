@@ -67,6 +67,24 @@ def test_no_gpu_and_wrong_class_count_fail_naming_the_key(data: Path, tmp_path: 
         assert not (tmp_path / "models").exists()
 
 
+@pytest.mark.parametrize("folder", ["nonexistent", "empty"])
+def test_a_data_folder_that_is_not_preprocess_output_exits_2_naming_it(
+    tmp_path: Path, folder: str, capsys: pytest.CaptureFixture
+) -> None:
+    """``--data /nonexistent`` gave a DatasetError traceback."""
+    from stages import train
+
+    data = tmp_path / folder
+    if folder == "empty":
+        data.mkdir()
+    params = write_params(tmp_path / "params.yaml", tiny_params())
+    assert train.main([*stage_args(params, data, tmp_path), "--no-ray"]) == 2
+    err = capsys.readouterr().err
+    assert f"stages.train: error: {data}" in err and "stage preprocess" in err
+    assert "Traceback" not in err
+    assert not any((tmp_path / name).exists() for name in ("models", "metrics", "plots", "runs"))
+
+
 def submit(cluster: LocalRayCluster, args: list[str], uri: str, *, job_id: str, wait: bool) -> str:  # noqa: F811
     """``ray job submit`` of the stage from the repo root; returns the CLI's output."""
     command = [

@@ -87,7 +87,7 @@ def test_shorter_schedule_keeps_the_shape_of_the_lr_curve() -> None:
     assert ablation_schedule(train, None) is train
     tiny = ablation_schedule(train, 4)  # steps that collapse or reach the end are dropped
     assert tiny.lr_steps == (3,) and tiny.warmup_iters == 1
-    assert ablation_schedule(TrainConfig(iterations=600, warmup_iters=0), 150).warmup_iters == 0
+    assert ablation_schedule(TrainConfig(iterations=600, warmup_iters=0, lr_steps=()), 150).warmup_iters == 0
 
 
 def test_variants_differ_only_in_pyramid_anchors_and_schedule() -> None:

@@ -221,3 +221,41 @@ def test_evaluations_in_parallel_threads_leave_stdout_as_it_was(capsys: pytest.C
     assert len(set(totals)) == 1
     print("still printed")
     assert capsys.readouterr().out == "still printed\n"
+
+
+GOOD_RESULT = {"image_id": 10, "category_id": 3, "bbox": [5, 5, 20, 20], "score": 0.9}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"score": math.nan}, r"score: must be a finite number, got nan"),
+        ({"score": -math.inf}, r"score: must be a finite number, got -inf"),
+        ({"score": "high"}, r"score: must be a finite number, got 'high'"),
+        ({"score": True}, r"score: must be a finite number, got True"),
+        ({"bbox": ["a", 5, 20, 20]}, r"bbox: must be 4 finite numbers \[x, y, w, h\], got \['a', 5, 20, 20\]"),
+        ({"bbox": "abcd"}, r"bbox: must be 4 finite numbers \[x, y, w, h\], got 'abcd'"),
+        ({"bbox": [5, 5, math.inf, 20]}, r"bbox: must be 4 finite numbers \[x, y, w, h\], got \[5, 5, inf, 20\]"),
+        ({"image_id": True}, r"image_id: must be an integer, got True"),
+        ({"category_id": "3"}, r"category_id: must be an integer, got '3'"),
+    ],
+)
+def test_bad_result_values_are_refused_naming_the_file_index_and_key(
+    tmp_path: Path, change: dict, message: str
+) -> None:
+    """NaN/inf scores were accepted; a bbox of strings gave a ValueError traceback."""
+    (tmp_path / "gt.json").write_text(json.dumps(tiny_gt()))
+    (tmp_path / "res.json").write_text(json.dumps([GOOD_RESULT, {**GOOD_RESULT, **change}]))
+    with pytest.raises(EvaluationError, match=rf"res\.json\[1\]\.{message}$"):
+        coco_metrics(tmp_path / "gt.json", tmp_path / "res.json")
+
+
+def test_bad_ground_truth_boxes_and_ids_are_refused_naming_the_entry() -> None:
+    gt = tiny_gt()
+    gt["annotations"][2]["bbox"] = [0, 0, "wide", 100]
+    with pytest.raises(EvaluationError, match=r"ground truth: annotations\[2\]\.bbox: must be 4 finite numbers"):
+        ground_truth_from_dict(gt)
+    gt = tiny_gt()
+    gt["annotations"][1]["image_id"] = True
+    with pytest.raises(EvaluationError, match=r"ground truth: annotations\[1\]\.image_id: must be an integer"):
+        ground_truth_from_dict(gt)

@@ -64,3 +64,20 @@ def test_scales_counts_and_empty_images(generated: Path) -> None:
     assert (sides < 24).mean() > 0.35  # many small objects: they need the fine pyramid levels
     assert (per_image == 0).any() and per_image.max() >= 5  # some empty images, several objects in others
     assert {a["category_id"] for a in coco["annotations"]} == {2, 5, 9}
+
+
+@pytest.mark.parametrize(
+    ("width", "height"),
+    [(64, 64), (64, 400), (400, 64), (85, 85), (86, 86), (127, 127), (128, 128)],
+)
+def test_every_accepted_size_generates_shapes_inside_the_image(width: int, height: int, tmp_path: Path) -> None:
+    """Sides from the smallest accepted (64) up: below ~86 px the large-object band has no room."""
+    cfg = DataConfig(synthetic_train_images=12, synthetic_val_images=1, synthetic_width=width,
+                     synthetic_height=height)  # fmt: skip
+    generate_synthetic(cfg, tmp_path, progress=False)
+    coco = json.loads((tmp_path / "annotations" / "instances_train2017.json").read_text())
+    assert coco["annotations"], "12 images hold some shapes"
+    for ann in coco["annotations"]:
+        x, y, w, h = ann["bbox"]
+        assert min(x, y) >= 0 and x + w <= width and y + h <= height
+        assert max(w, h) <= 0.75 * min(width, height) + 0.01

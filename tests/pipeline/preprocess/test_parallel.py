@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
 
 from pipeline.cluster import ClusterError
-from pipeline.preprocess.parallel import ordered_map, use_ray_requested
+from pipeline.preprocess.parallel import WorkerDied, ordered_map, use_ray_requested
 from tests.conftest import free_port
 
 
@@ -22,6 +24,21 @@ def test_results_come_back_in_order(workers: int) -> None:
     out = list(ordered_map(square_all, chunks, 1, workers=workers))
     expected = [square_all([i, i + 1, i + 2][: 1 + i % 3], 1) for i in range(0, 60, 3)]
     assert out == expected
+
+
+def killed_on_13(chunk: list[int], offset: int) -> list[int]:
+    """`square_all`, except that the worker given 13 is killed (SIGKILL, as the OOM killer does)."""
+    if 13 in chunk:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return square_all(chunk, offset)
+
+
+def test_a_killed_worker_raises_worker_died_with_the_chunks_in_flight() -> None:
+    chunks = [[i, i + 1] for i in range(0, 40, 2)]
+    with pytest.raises(WorkerDied) as raised:
+        list(ordered_map(killed_on_13, chunks, 0, workers=2))
+    assert [12, 13] in raised.value.chunks
+    assert all(chunk in chunks for chunk in raised.value.chunks) and len(raised.value.chunks) <= 4  # window 2 x 2
 
 
 def test_ray_address_alone_asks_for_ray(monkeypatch: pytest.MonkeyPatch) -> None:

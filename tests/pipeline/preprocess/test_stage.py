@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,10 @@ from PIL import Image
 
 from pipeline.coco_format import CocoFormatError
 from pipeline.config import PreprocessConfig
-from pipeline.preprocess.stage import PreprocessError, preprocess_dataset
+from pipeline.preprocess import stage
+from pipeline.preprocess.prepare_image import ImageResult, ImageTask, ResizeSpec, prepare_chunk
+from pipeline.preprocess.stage import PreprocessCrash, PreprocessError, preprocess_dataset
+from tests.image_files import with_header_size
 
 SPLITS = ("train2017", "val2017")
 SERIAL = PreprocessConfig(workers=1)
@@ -29,14 +34,26 @@ def jpeg(mode: str, size: tuple[int, int] = (64, 48), seed: int = 0) -> bytes:
     return buffer.getvalue()
 
 
+def png16(value: int, size: tuple[int, int] = (64, 48)) -> bytes:
+    """A 16-bit grey PNG (PIL mode I;16) of one ``value`` in 0..65535."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((size[1], size[0]), value, dtype=np.uint16)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 def write_coco(
-    root: Path, split: str, images: dict[str, bytes | None], annotations: list[dict[str, Any]]
+    root: Path,
+    split: str,
+    images: dict[str, bytes | None],
+    annotations: list[dict[str, Any]],
+    sizes: dict[str, tuple[int, int]] | None = None,
 ) -> None:
-    """``images``: file name -> bytes (None: listed but absent). Ids are 1.. in order; all 64x48."""
+    """``images``: file name -> bytes (None: listed but absent). Ids are 1.. in order; 64x48 unless in ``sizes``."""
     (root / split).mkdir(parents=True, exist_ok=True)
     entries = []
     for i, (name, data) in enumerate(images.items(), start=1):
-        entries.append({"id": i, "file_name": name, "width": 64, "height": 48})
+        width, height = (sizes or {}).get(name, (64, 48))
+        entries.append({"id": i, "file_name": name, "width": width, "height": height})
         if data is not None:
             (root / split / name).write_bytes(data)
     coco = {
@@ -185,7 +202,7 @@ def test_malformed_annotation_files_are_fatal_and_named(messy: Path, tmp_path: P
     with pytest.raises(CocoFormatError, match=rf"{ann}: 'annotations' must be a list"):
         run(messy, tmp_path / "pre")
     ann.write_text('{"images": [{"id": 1}], "annotations": [], "categories": []}')
-    with pytest.raises(CocoFormatError, match=rf"{ann}: images\[0\]\.file_name must be str"):
+    with pytest.raises(CocoFormatError, match=rf"{ann}: images\[0\]\.file_name must be a string, got None"):
         run(messy, tmp_path / "pre")
     assert not (tmp_path / "pre").exists()
 
@@ -210,3 +227,92 @@ def test_conflicting_category_names_are_fatal(messy: Path, tmp_path: Path) -> No
     ann.write_text(json.dumps(coco))
     with pytest.raises(PreprocessError, match="category id 3 is 'lion', but 'cat'"):
         run(messy, tmp_path / "pre")
+
+
+def kinds(summary: Any) -> dict[str, list[str]]:
+    """Problem kind -> file names, from a run's summary."""
+    found: dict[str, list[str]] = {}
+    for p in summary.problems:
+        found.setdefault(p["kind"], []).append(Path(p["file"]).name)
+    return found
+
+
+def test_16_bit_png_is_scaled_to_8_bit_not_white(tmp_path: Path) -> None:
+    """A 16-bit grey PNG (mode I;16) came out pure white: values are scaled by 1/257 (65535 -> 255)."""
+    root = tmp_path / "coco"
+    write_coco(root, "train2017", {"dark.png": png16(257 * 40), "light.png": png16(257 * 200)}, [])
+    write_coco(root, "val2017", {"v.jpg": jpeg("RGB")}, [])
+    summary = run(root, tmp_path / "pre")
+    assert summary.counts["train2017"]["images_written"] == 2
+    assert summary.counts["train2017"]["images_converted"] == 2
+    for image_id, grey in ((1, 40), (2, 200)):
+        with Image.open(tmp_path / "pre" / "train2017" / "images" / f"{image_id}.jpg") as image:
+            assert image.mode == "RGB"
+            low, high = zip(*image.getextrema(), strict=True)
+            assert grey - 2 <= min(low) and max(high) <= grey + 2, image.getextrema()
+
+
+def test_header_size_unlike_the_annotation_is_skipped_before_decoding(messy: Path, tmp_path: Path) -> None:
+    """A JPEG whose header claims another size than the annotation decodes as a flat grey picture."""
+    ok = (messy / "train2017" / "ok.jpg").read_bytes()
+    (messy / "train2017" / "ok.jpg").write_bytes(with_header_size(ok, 96, 72))  # listed as 64x48
+    summary = run(messy, tmp_path / "pre")
+    counts = summary.counts["train2017"]
+    assert counts["size_mismatches"] == 1 and counts["images_skipped"] == 4 and counts["images_written"] == 2
+    assert kinds(summary)["size_mismatch"] == ["ok.jpg"]
+    (message,) = [p["message"] for p in summary.problems if p["kind"] == "size_mismatch"]
+    assert "annotation says 64x48, file header says 96x72, skipped" in message
+    index = json.loads((tmp_path / "pre" / "train2017" / "index.json").read_text())
+    assert sorted(r["image_id"] for r in index["images"]) == [2, 3]
+
+
+def test_images_over_max_pixels_are_skipped_from_the_header(tmp_path: Path) -> None:
+    """preprocess.max_pixels caps an image before it is decoded; PIL's own bomb limit is a skip too."""
+    root = tmp_path / "coco"
+    small = jpeg("RGB")
+    images = {
+        "ok.jpg": small,
+        "forged.jpg": with_header_size(small, 12000, 12000),  # 144 Mpx claimed: ~430 MB if decoded
+        "bomb.jpg": with_header_size(small, 20000, 20000),  # 400 Mpx: PIL refuses it outright
+    }
+    sizes = {"forged.jpg": (12000, 12000), "bomb.jpg": (20000, 20000)}
+    write_coco(root, "train2017", images, [], sizes)
+    write_coco(root, "val2017", {"v.jpg": jpeg("RGB")}, [])
+    summary = run(root, tmp_path / "pre")
+    counts = summary.counts["train2017"]
+    assert counts["images_too_large"] == 2 and counts["images_skipped"] == 2 and counts["images_written"] == 1
+    assert sorted(kinds(summary)["too_large"]) == ["bomb.jpg", "forged.jpg"]
+    messages = {Path(p["file"]).name: p["message"] for p in summary.problems}
+    assert "12000x12000 = 144000000 pixels, over preprocess.max_pixels (50000000), skipped" in messages["forged.jpg"]
+
+    raised = run(root, tmp_path / "raised", PreprocessConfig(workers=1, max_pixels=10**9))
+    assert raised.counts["train2017"]["images_too_large"] == 1  # PIL's limit (~179 Mpx) still holds
+    assert "decompression bomb" in {Path(p["file"]).name: p["message"] for p in raised.problems}["bomb.jpg"]
+
+    lowered = run(root, tmp_path / "lowered", PreprocessConfig(workers=1, max_pixels=64 * 48))
+    assert lowered.counts["train2017"]["images_written"] == 1  # the cap itself is allowed
+
+
+def die_on_forged(tasks: list[ImageTask], spec: ResizeSpec) -> list[ImageResult]:
+    """`prepare_chunk`, except that a worker holding ``forged.jpg`` is killed (as the OOM killer would)."""
+    if any(task.file.endswith("forged.jpg") for task in tasks):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return prepare_chunk(tasks, spec)
+
+
+def test_a_killed_worker_names_the_images_in_flight_and_how_to_rerun(
+    messy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker killed mid-chunk gave a bare BrokenProcessPool traceback."""
+    (messy / "train2017" / "forged.jpg").write_bytes(jpeg("RGB"))
+    coco = json.loads((messy / "annotations" / "instances_train2017.json").read_text())
+    coco["images"].append({"id": 7, "file_name": "forged.jpg", "width": 64, "height": 48})
+    (messy / "annotations" / "instances_train2017.json").write_text(json.dumps(coco))
+    monkeypatch.setattr(stage, "prepare_chunk", die_on_forged)
+    with pytest.raises(PreprocessCrash) as raised:
+        run(messy, tmp_path / "pre", PreprocessConfig(workers=2))
+    message = str(raised.value)
+    assert message.startswith(f"{messy / 'annotations' / 'instances_train2017.json'}: a preprocess worker died")
+    assert "forged.jpg" in message and "preprocess.workers: 1" in message
+    assert not (tmp_path / "pre").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -19,6 +19,7 @@ from pipeline.tune.search_space import (
     set_param_args,
     trial_train_overrides,
 )
+from tests.params_files import write_params_file
 from tests.train_samples import tiny_params
 
 ANCHORS_A = [16, 32, 64, 128, 256]
@@ -101,8 +102,7 @@ def test_best_params_file_loads_merged_and_dvc_set_param_lines(raw: dict, tmp_pa
     sample = {"train.lr": 0.0473, "model.anchor_sizes": ANCHORS_B, "model.roi_batch_per_image": 48}
     document = best_params_document(sample)
     assert document == {"train": {"lr": 0.0473}, "model": {"anchor_sizes": ANCHORS_B, "roi_batch_per_image": 48}}
-    base = tmp_path / "params.yaml"
-    base.write_text(yaml.safe_dump(raw))
+    base = write_params_file(tmp_path / "params.yaml", raw)
     best = yaml.safe_load(yaml.safe_dump(document))
     merged = load_params(base, {f"{s}.{k}": v for s, keys in best.items() for k, v in keys.items()})
     assert merged.train.lr == 0.0473 and merged.model.anchor_sizes == tuple(ANCHORS_B)
@@ -150,7 +150,7 @@ def test_dvc_exp_run_applies_the_set_param_lines(raw: dict, tmp_path: Path) -> N
     sample = {"train.lr": 0.0473, "model.anchor_sizes": ANCHORS_B}
     repo = tmp_path / "repo"
     repo.mkdir()
-    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    write_params_file(repo / "params.yaml", raw)
     (repo / "dvc.yaml").write_text(
         "stages:\n  show:\n    cmd: python -c \"import shutil; shutil.copy('params.yaml', 'seen.yaml')\"\n"
         "    params: [train.lr, model.anchor_sizes]\n    outs: [seen.yaml]\n"

@@ -18,6 +18,7 @@ from pipeline.config import ConfigError, load_params, params_from_dict, read_par
 from pipeline.tune.results import TuneError, best_params_text, best_row, rows_csv, trial_rows
 from pipeline.tune.search_space import parse_space
 from pipeline.tune.stage import PARENT_TAG, TRIAL_TAG, Sweep, sweep_name
+from tests.params_files import write_params_file
 from tests.train_samples import tiny_params
 
 SPACE = {
@@ -114,8 +115,7 @@ def test_best_params_text_is_a_params_file_with_its_dvc_command(tmp_path: Path) 
     }
     command = re.search(r"^#\s+(dvc exp run .*)$", text, re.MULTILINE).group(1)
     assert command == "dvc exp run -S train.lr=0.0473 -S 'model.anchor_sizes=[16, 32, 64, 128, 256]'"
-    base = tmp_path / "params.yaml"
-    base.write_text(yaml.safe_dump(sweep.raw_params))
+    base = write_params_file(tmp_path / "params.yaml", sweep.raw_params)
     best = yaml.safe_load(text)
     merged = load_params(base, {f"{s}.{k}": v for s, keys in best.items() for k, v in keys.items()})
     assert merged.train.lr == 0.0473
