@@ -95,6 +95,30 @@ def resources() -> dict[str, float]:
     return {"CPU": float(total.get("CPU", 0.0)), "GPU": float(total.get("GPU", 0.0))}
 
 
+def node_count() -> int:
+    """Alive nodes of the connected Ray cluster."""
+    import ray
+
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
+def check_tracking_reachable(uri: str, nodes: int, where: str) -> None:
+    """A tracking store in a file on the driver's machine cannot serve ranks on other nodes.
+
+    ``uri`` is the MLflow tracking URI the run will use; ``nodes`` the cluster's alive nodes.
+    On one node any store works; on more, ``sqlite:``/``file:`` (or a bare path) is refused
+    with what to run instead, rather than ranks elsewhere silently logging nothing.
+    """
+    scheme = uri.split(":", 1)[0] if "://" in uri or uri.startswith("sqlite:") else "file"
+    if nodes > 1 and scheme in ("sqlite", "file"):
+        raise ConfigError(
+            f"MLFLOW_TRACKING_URI: {uri} is a file on this machine, but {where} has {nodes} nodes and "
+            "ranks on the others cannot reach it. Start a tracking server every node can reach "
+            "(mlflow server --host <private ip> --backend-store-uri sqlite:///... --artifacts-destination "
+            "s3://... , see the README) and set MLFLOW_TRACKING_URI=http://<that ip>:5000"
+        )
+
+
 def check_fits(
     params: Params, resources: Mapping[str, float], where: str, *, runs: int = 1, runs_key: str = ""
 ) -> None:

@@ -299,6 +299,7 @@ def run_ablation(
         resolve_init_weights(params)  # download named weights once, before threads race for them
     if todo and use_ray:
         where = cluster.connect()  # in this thread: ray.init is not for several threads at once
+        cluster.check_tracking_reachable(tracking_uri(), cluster.node_count(), where)
         _check_parallel_fits(params, parallel, where)
 
     results: dict[str, VariantResult] = {}

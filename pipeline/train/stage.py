@@ -119,6 +119,7 @@ def train(
         from pipeline.train import ray_train
 
         where = cluster.connect()
+        cluster.check_tracking_reachable(uri, cluster.node_count(), where)
         check_fits(params, cluster.resources(), where)
         job = dataclasses.replace(job, init_weights_file=resolve_init_weights(params))
         log.info("training run %s (storage %s) on %s", name, storage, where)

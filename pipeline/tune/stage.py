@@ -405,6 +405,7 @@ def tune_sweep(
     storage = resolve_storage(storage_path)
     name = sweep_name(params, data_hash)
     where = cluster.connect()
+    cluster.check_tracking_reachable(tracking_uri(), cluster.node_count(), where)
     check_fits(params, cluster.resources(), where, runs=cfg.max_concurrent_trials,
                runs_key="tune.max_concurrent_trials")  # fmt: skip
     parent = _open_parent_run(params, space, name, data_hash)

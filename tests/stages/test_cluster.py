@@ -109,3 +109,21 @@ def test_train_job_on_two_nodes(two_nodes: LocalRayCluster, mlflow_server: str, 
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
     assert sorted(steps) == list(range(1, ITERATIONS + 1))
     assert run.data.params["train.num_workers"] == "2"
+
+
+def test_a_sqlite_store_is_refused_on_two_nodes(two_nodes: LocalRayCluster, tmp_path: Path) -> None:
+    """Ranks on the second node could not reach a SQLite file on the driver's machine: refused at start."""
+    data = tiny_data(tmp_path / "data")
+    params = write_params(tmp_path / "params.yaml", tiny_params(num_workers=2, cpus_per_worker=1))
+    out = tmp_path / "out"
+    env = {k: v for k, v in two_nodes.env().items() if k != "MLFLOW_TRACKING_URI"}
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = subprocess.run(
+        [sys.executable, "-m", "stages.train", "--params", str(params), "--data", str(data),
+         "--model-out", str(out / "model.pt"), "--metrics", str(out / "train.json"),
+         "--plots", str(out / "loss.csv"), "--storage-path", str(out / "runs")],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "has 2 nodes and ranks on the others cannot reach it" in done.stderr
+    assert "Traceback" not in done.stderr and not out.exists()
