@@ -9,75 +9,13 @@ registered model are checked, then a second `dvc repro` must do nothing.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-TINY = {
-    "data": {
-        "synthetic_train_images": 16,
-        "synthetic_val_images": 6,
-        "synthetic_width": 160,
-        "synthetic_height": 128,
-    },
-    "model": {
-        "fpn_channels": 32,
-        "representation_size": 64,
-        "min_size": 128,
-        "max_size": 160,
-        "roi_batch_per_image": 32,
-    },
-    "train": {
-        "iterations": 6,
-        "warmup_iters": 2,
-        "lr_steps": [4],
-        "checkpoint_every": 3,
-        "log_every": 2,
-        "batch_size": 2,
-    },
-    "evaluate": {"batch_size": 2, "num_pictures": 2},
-    "profile": {"warmup": 1, "iterations": 1, "compare_torchvision": False, "train_step": False},
-}
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _merge(out.get(key) or {}, value) if isinstance(value, dict) else value
-    return out
-
-
-def _copy_repo(dest: Path) -> None:
-    """Tracked and untracked-but-not-ignored files: what a commit of this work tree would hold."""
-    files = (
-        subprocess.run(
-            ["git", "ls-files", "-co", "--exclude-standard", "-z"],
-            cwd=REPO_ROOT,
-            check=True,
-            capture_output=True,
-        )
-        .stdout.decode()
-        .split("\0")
-    )
-    for name in filter(None, files):
-        src = REPO_ROOT / name
-        if src.is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
-
-
-def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 900) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, (
-        f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-    )
-    return proc.stdout + proc.stderr
+from tests.dvc_repo import fresh_repo, run
 
 
 def _declared_outputs(dvc_yaml: Path) -> list[Path]:
@@ -97,19 +35,9 @@ def _tracked(repo: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_dvc_repro_runs_every_stage_then_is_a_no_op(tmp_path: Path) -> None:
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    _copy_repo(repo)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    (repo / "params.yaml").write_text(yaml.safe_dump(_merge(params, TINY), sort_keys=False))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
-    env.update({"OMP_NUM_THREADS": "2", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"})
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
-    _run(["git", "init", "-q"], repo, env)
-    _run([*git, "add", "-A"], repo, env)
-    _run([*git, "commit", "-qm", "fresh copy"], repo, env)
+    repo, env = fresh_repo(tmp_path / "repo")
 
-    _run(["dvc", "repro"], repo, env)
+    run(["dvc", "repro"], repo, env)
 
     # Every stage's outputs.
     coco = repo / "data" / "coco"
@@ -129,7 +57,7 @@ def test_dvc_repro_runs_every_stage_then_is_a_no_op(tmp_path: Path) -> None:
         assert len((repo / "plots" / plot).read_text().splitlines()) > 1
 
     # DVC sees the metrics; MLflow (the default store in the project root) has the run and the model.
-    shown = _run(["dvc", "metrics", "show", "--json"], repo, env)
+    shown = run(["dvc", "metrics", "show", "--json"], repo, env)
     assert "metrics/eval.json" in shown
     from mlflow.tracking import MlflowClient
 
@@ -160,5 +88,5 @@ def test_dvc_repro_runs_every_stage_then_is_a_no_op(tmp_path: Path) -> None:
     assert not undeclared, f"written but not declared in dvc.yaml: {undeclared}"
 
     # Nothing changed: nothing runs.
-    again = _run(["dvc", "repro"], repo, env)
+    again = run(["dvc", "repro"], repo, env)
     assert "up to date" in again, again
