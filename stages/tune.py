@@ -11,7 +11,7 @@ values each trial starts from)::
   the params before anything starts, errors name the key.
 * Each trial is a Ray Train run of the training loop of stage train, ``tune.iterations`` long,
   scored every ``tune.eval_every`` iterations on ``tune.val_images`` held-out images
-  (``val_ap50``); ASHA stops weak trials early. ``tune.max_concurrent_trials`` trials run at
+  (``val_ap50``) by its rank 0, on the device it trains on; ASHA stops weak trials early. ``tune.max_concurrent_trials`` trials run at
   once, each on ``train.num_workers`` workers of ``train.cpus_per_worker`` CPUs.
 * Ray: joins ``RAY_ADDRESS``'s cluster, else starts a local one. On a cluster, give absolute
   output paths and a ``--storage-path`` on shared storage (see stages/train.py).

@@ -20,6 +20,13 @@ or a local folder (``LocalSession``, one process, no Ray). Conventions:
   happened (the error still names the step and its loss terms). The steps in between run on
   with NaN in the weights, but nothing is saved past it: a checkpoint is written only after
   the flush that checked every step before it.
+* Validation (when ``TrainJob.validation`` is set, as stage tune does): at every checkpoint
+  rank 0 scores the live model on a few held-out images on its own device
+  (`pipeline.train.validation`: eval mode, no grad, random streams restored, so training is
+  unchanged bit for bit) and adds ``val_ap50``, ``val_ap`` and ``train_loss`` (mean loss of the
+  steps since the previous validation) to that report; the other ranks add the same keys as
+  NaN (a report is a barrier with the same keys on every rank; Ray Train's callbacks and Tune
+  read rank 0's metrics). Rank 0 also logs them to its MLflow run at that iteration.
 
 The parts, in the order a run meets them:
 
@@ -29,7 +36,8 @@ The parts, in the order a run meets them:
   states); a no-op on the other ranks, so the loop itself never tests for rank 0;
 * `train_epoch` -- the rest of one epoch, a `train_step` per batch, then `report_step`:
   every ``train.log_every`` steps the pending steps read (`flush_steps`), a `LogWindow` line,
-  status and metrics; a `checkpoint_state` every ``train.checkpoint_every`` steps and at the last;
+  status and metrics; a `checkpoint_state` every ``train.checkpoint_every`` steps and at the last,
+  with rank 0's validation scores (`RankZero.validate`) when the job validates;
 * `train_loop` -- epochs until ``train.iterations`` (`end_epoch` between them).
 """
 
@@ -67,6 +75,14 @@ from pipeline.train.checkpoint import (
 )
 from pipeline.train.schedule import build_optimizer, build_scheduler
 from pipeline.train.sessions import Session
+from pipeline.train.validation import (
+    VALIDATION_METRICS,
+    HoldoutSet,
+    ValidationSpec,
+    mean_loss_since,
+    previous_validation,
+    score_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +107,8 @@ class TrainJob:
     # Extra tags of the MLflow run rank 0 opens, e.g. (("mlflow.parentRunId", <id>),) to make it a
     # child run (stage tune: each trial is a child of the sweep's run).
     run_tags: tuple[tuple[str, str], ...] = ()
+    # Held-out images rank 0 scores at every checkpoint (`RankZero.validate`); None: no validation.
+    validation: ValidationSpec | None = None
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -539,8 +557,9 @@ class RankZero:
     """Rank 0's side effects: its MLflow run, lines and a bar for a person, checkpoint states.
 
     Every method is a no-op on the other ranks (`checkpoint` gives None there: only rank 0 hands
-    a checkpoint to the session), so this is the one place with a side effect that tests for
-    rank 0 (`seed_random_streams` tests it too, to continue rank 0's saved random stream).
+    a checkpoint to the session; `validate` gives NaN scores without scoring), so this is the
+    one place with a side effect that tests for rank 0 (`seed_random_streams` tests it too, to
+    continue rank 0's saved random stream).
     Status files are not here: every rank writes its own (`_write_status`).
     """
 
@@ -548,6 +567,12 @@ class RankZero:
         self.enabled = session.rank == 0
         self.run = TrackedRun.disabled("not rank 0")
         self.printer = _Printer(False, 0, 0)  # silent until `start`
+        self.holdout: HoldoutSet | None = None  # `load_validation`'s
+
+    def load_validation(self, job: TrainJob) -> None:
+        """Decode ``job.validation``'s held-out images once (rank 0; nothing without validation)."""
+        if self.enabled and job.validation is not None:
+            self.holdout = HoldoutSet.from_spec(job.validation)
 
     def open_run(self, job: TrainJob, run_id: str | None) -> str | None:
         """Open rank 0's MLflow run (continue ``run_id`` if set); its id, else ``run_id`` unchanged."""
@@ -592,6 +617,34 @@ class RankZero:
     def checkpoint(self, job: TrainJob, state: TrainState) -> dict[str, Any] | None:
         """`checkpoint_state` on rank 0, None on the others."""
         return checkpoint_state(job, state) if self.enabled else None
+
+    def validate(self, job: TrainJob, state: TrainState) -> dict[str, float]:
+        """`VALIDATION_METRICS` at the current (checkpointed) iteration; ``{}`` when the job does not validate.
+
+        Rank 0 scores ``state.model`` on its device (`score_model`), takes ``train_loss`` from the
+        history (steps since the previous checkpoint, where the previous validation was), logs
+        the three to MLflow at this iteration and prints a line. The other ranks give the same
+        keys as NaN, without scoring. Only after `TrainState.flush` (the history holds every step).
+        """
+        if job.validation is None:
+            return {}
+        if not self.enabled:
+            return dict.fromkeys(VALIDATION_METRICS, math.nan)
+        if self.holdout is None:
+            self.load_validation(job)
+        iteration = state.progress.iteration
+        started = time.perf_counter()
+        scores = score_model(self.holdout, state.model, state.device)
+        since = previous_validation(iteration, job.params.train.checkpoint_every)
+        scores["train_loss"] = mean_loss_since(state.history, since)
+        self.printer.line(
+            f"[train] validation iter {iteration}: "
+            + " ".join(f"{k} {v:.4f}" for k, v in scores.items())
+            + f" ({len(self.holdout)} images of {job.validation.split} on {state.device}, "
+            f"{time.perf_counter() - started:.1f} s)"
+        )
+        self.run.log_metrics(scores, step=iteration)
+        return scores
 
     def fail(self, err: BaseException) -> None:
         """Mark the MLflow run FAILED, naming ``err``."""
@@ -661,8 +714,9 @@ def report_step(
 
     Every ``train.log_every`` steps (and at the last): the pending steps are read and checked
     (`flush_steps`), then the window's line, this rank's status file and the full metrics. Every
-    ``train.checkpoint_every`` steps (and at the last): the same read, then a checkpoint, handed
-    over by rank 0. Other steps return at once, their numbers left on the device.
+    ``train.checkpoint_every`` steps (and at the last): the same read, the validation scores
+    when the job validates (`RankZero.validate`), then a checkpoint, handed over by rank 0.
+    Other steps return at once, their numbers left on the device.
     ``session.report`` is a barrier under Ray Train: every rank reports at the same steps, with
     the same metrics keys.
     """
@@ -696,6 +750,7 @@ def report_step(
         metrics = {"iteration": iteration, "loss": step.loss, "lr": step.lr}
     if checkpoint_now:
         state.last_checkpoint = iteration
+        metrics.update(rank0.validate(job, state))
     session.report(metrics, rank0.checkpoint(job, state) if checkpoint_now else None, iteration)
 
 
@@ -767,8 +822,9 @@ def train_loop(
             end_epoch(state, rank0, first_iteration, started, window.global_batch)
     if state.last_checkpoint != progress.iteration:
         # Resumed a run that was already complete: report its state again so this attempt
-        # (a new fit() with the same run name) ends with a checkpoint too.
-        session.report({"iteration": progress.iteration}, rank0.checkpoint(job, state), progress.iteration)
+        # (a new fit() with the same run name) ends with a checkpoint too, scored like every one.
+        metrics = {"iteration": progress.iteration, **rank0.validate(job, state)}
+        session.report(metrics, rank0.checkpoint(job, state), progress.iteration)
 
 
 def train_worker(job: TrainJob, session: Session) -> dict[str, Any]:
@@ -776,13 +832,15 @@ def train_worker(job: TrainJob, session: Session) -> dict[str, Any]:
 
     Resumes from ``session.restore()`` when a checkpoint exists (model, optimizer, scheduler,
     scaler, progress, MLflow run id). Checkpoints every ``train.checkpoint_every`` steps and
-    at the end; reports metrics every ``train.log_every`` steps.
+    at the end (scored on ``job.validation``'s held-out images when set); reports metrics every
+    ``train.log_every`` steps.
     """
     params = job.params
     configure_cpu(params)
     restored = session.restore()
     state = build_state(job, session, restored)
     rank0 = RankZero(session)
+    rank0.load_validation(job)  # before the MLflow run: a bad split fails now, not at a checkpoint
     state.mlflow_run_id = rank0.open_run(job, state.mlflow_run_id)
     dataset = DetectionDataset(
         job.data_root, params.data.train_split, train=True, flip_prob=params.train.flip_prob

@@ -10,13 +10,16 @@
    "database is locked";
 3. runs ``ray.tune.Tuner`` on `run_trial`: the trial function builds and fits a ``TorchTrainer``
    (`pipeline.train.ray_train.build_trainer`, named after the trial) running `pipeline.train.loop`'s loop
-   with the sampled params, ``train.iterations = tune.iterations``. Its Train ``RunConfig``
-   holds `HoldoutReportCallback`, a ``TuneReportCallback`` that first scores each checkpoint
-   (every ``tune.eval_every`` iterations) on ``tune.val_images`` held-out images
-   (`pipeline.tune.holdout`) and forwards only those scored reports to Tune. ASHA
-   (``time_attr="iteration"``, ``max_t = tune.iterations``) stops weak trials; Optuna's TPE (or
-   random search) proposes the next ones. Rank 0 of each trial logs to an MLflow child run
-   (tag ``mlflow.parentRunId``);
+   with the sampled params, ``train.iterations = tune.iterations`` and a checkpoint every
+   ``tune.eval_every`` iterations. The loop validates at each checkpoint (``TrainJob.validation``,
+   `pipeline.train.validation`): rank 0 scores the live model on the first ``tune.val_images``
+   images of ``data.val_split`` on its own device (the GPU on a GPU cluster) and reports
+   ``val_ap50``, ``val_ap`` and ``train_loss`` with the checkpoint. The Train ``RunConfig`` holds
+   `HoldoutReportCallback`, a ``TuneReportCallback`` that forwards only those checkpoint reports
+   to Tune (every Tune result then carries the scores). ASHA (``time_attr="iteration"``,
+   ``max_t = tune.iterations``) stops weak trials; Optuna's TPE (or random search) proposes the
+   next ones. Rank 0 of each trial logs to an MLflow child run (tag ``mlflow.parentRunId``),
+   the scores included;
 4. writes the best trial's sampled values as a params file (``{"train": {"lr": ...}}``, with the
    ``dvc exp run -S ...`` line that applies it in a comment) and a CSV of every trial.
 
@@ -37,19 +40,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
-import torch
 from ray import tune
 from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from fpn import build_detector
 from pipeline import cluster
 from pipeline.cluster import check_fits
 from pipeline.config import ConfigError, Params, TuneConfig, params_from_dict
@@ -58,13 +58,12 @@ from pipeline.io import atomic_write_text
 from pipeline.provenance import git_commit, project_root
 from pipeline.tracking.run import TrackedRun, flatten, tracking_uri
 from pipeline.tracking.server import serve_sqlite
-from pipeline.train.checkpoint import history_rows, load_checkpoint
 from pipeline.train.init_weights import resolve_init_weights
 from pipeline.train.loop import TrainJob
 from pipeline.train.preflight import check_num_classes, check_train_params
 from pipeline.train.ray_train import build_trainer
 from pipeline.train.stage import resolve_storage
-from pipeline.tune.holdout import HoldoutSet
+from pipeline.train.validation import ValidationSpec
 from pipeline.tune.results import (
     TuneError,
     best_params_text,
@@ -123,6 +122,12 @@ class Sweep:
         merged = apply_sample(merged, {f"train.{k}": v for k, v in train.items()})
         return params_from_dict(merged, where="trial params")
 
+    def validation(self, params: Params) -> ValidationSpec:
+        """What a trial's loop scores at each checkpoint: the first ``tune.val_images`` of ``data.val_split``."""
+        return ValidationSpec(
+            data_root=self.data_root, split=params.data.val_split, num_images=self.tune.val_images
+        )
+
     def run_tags(self, trial_id: str) -> tuple[tuple[str, str], ...]:
         tags = [(SWEEP_TAG, self.name), (TRIAL_TAG, trial_id)]
         if self.parent_run_id:
@@ -131,60 +136,20 @@ class Sweep:
 
 
 class HoldoutReportCallback(TuneReportCallback):
-    """``TuneReportCallback`` that scores each checkpoint on held-out images before Tune sees it.
+    """``TuneReportCallback`` that forwards only the reports with a checkpoint: the scored ones.
 
-    Runs in the trial's Ray Train controller (on the trial's node, holding no CPU of its own).
-    For each report with a checkpoint it loads the checkpoint, evaluates the model on the
-    held-out images (`pipeline.tune.holdout.HoldoutSet`, loaded once), and forwards rank 0's metrics
-    plus ``val_ap50``, ``val_ap`` and ``train_loss`` (the mean loss of every step since the
-    previous evaluation, from the checkpoint's history) to Tune; the scores also go to the
-    trial's MLflow run at the checkpoint's iteration. Reports without a checkpoint are not
-    forwarded: every Tune result of a trial carries the metric ASHA compares.
+    Runs in the trial's Ray Train controller. The loop adds the held-out scores (``val_ap50``,
+    ``val_ap``, ``train_loss``) to every report that carries a checkpoint, on rank 0 (the
+    metrics Tune gets; other ranks report NaN), with the checkpoint's ``iteration``; the reports
+    between checkpoints are not forwarded, so every Tune result of a trial carries the metric
+    ASHA compares. Scoring is no longer done here: it ran on the controller's CPU while every
+    worker waited at the report barrier.
     """
-
-    def __init__(
-        self, sweep: Sweep, params: Params, *, tracking_uri: str | None, eval_threads: int = 1
-    ) -> None:
-        super().__init__()
-        self._data_root = sweep.data_root
-        self._split = params.data.val_split
-        self._num_images = sweep.tune.val_images
-        self._model_config = params.model
-        self._tracking_uri = tracking_uri
-        self._eval_threads = eval_threads
-        self._holdout: Any = None
-        self._last_iteration = 0
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         if checkpoint is None:
             return
-        if self._eval_threads > 0:
-            torch.set_num_threads(self._eval_threads)
-        torch.set_flush_denormal(True)
-        if self._holdout is None:
-            self._holdout = HoldoutSet.load(self._data_root, self._split, self._num_images)
-        with checkpoint.as_directory() as directory:
-            state = load_checkpoint(directory)
-        iteration = int(state["progress"]["iteration"])
-        losses = [row["loss"] for row in history_rows(state) if row["step"] > self._last_iteration]
-        self._last_iteration = iteration
-        model = build_detector(self._model_config)
-        model.load_state_dict(state["model"])
-        started = time.perf_counter()
-        scores = self._holdout.evaluate(model)
-        scores["train_loss"] = sum(losses) / len(losses) if losses else math.nan
-        log.info(
-            "[tune] iteration %d: %s (%d held-out images, %.1f s)",
-            iteration,
-            ", ".join(f"{k} {v:.4f}" for k, v in scores.items()),
-            len(self._holdout),
-            time.perf_counter() - started,
-        )
-        run_id = state["run"].get("mlflow_run_id")
-        if self._tracking_uri and run_id:
-            TrackedRun(self._tracking_uri, run_id).log_metrics(scores, step=iteration)
-        result = {**metrics[0], **scores, "iteration": iteration}
-        super().after_report(run_context, [result], checkpoint)
+        super().after_report(run_context, metrics, checkpoint)
 
 
 def run_trial(config: dict[str, Any], sweep: Sweep) -> None:
@@ -201,9 +166,9 @@ def run_trial(config: dict[str, Any], sweep: Sweep) -> None:
         tracking_uri=sweep.tracking_uri,
         init_weights_file=sweep.init_weights_file,
         run_tags=sweep.run_tags(context.get_trial_id()),
+        validation=sweep.validation(params),
     )
-    callback = HoldoutReportCallback(sweep, params, tracking_uri=sweep.tracking_uri)
-    build_trainer(job, sweep.train_storage, callbacks=[callback]).fit()
+    build_trainer(job, sweep.train_storage, callbacks=[HoldoutReportCallback()]).fit()
 
 
 class TrialLedger(Callback):

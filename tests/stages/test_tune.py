@@ -57,6 +57,10 @@ def test_two_trials_best_params_csv_and_mlflow_children(
     seconds = time.perf_counter() - started
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-6000:]
     print(f"2-trial sweep: {seconds:.0f} s")
+    # Each trial's rank 0 scored its checkpoints in the training loop, on its device: its lines reach the log.
+    scored = [line for line in (done.stdout + done.stderr).splitlines() if "[train] validation iter" in line]
+    assert scored, done.stderr[-6000:]
+    print("\n".join(scored))
 
     # The CSV: one row per trial, every trial scored on the held-out images.
     rows = list(csv.DictReader((tmp_path / "tune.csv").open()))

@@ -1,9 +1,10 @@
-"""The training loop in one process (no Ray): outputs, MLflow, exact resume, run naming, failures."""
+"""The training loop in one process (no Ray): outputs, MLflow, exact resume, run naming, failures, validation."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import socket
 import sys
@@ -24,6 +25,7 @@ from pipeline.train import loop
 from pipeline.train.checkpoint import history_rows
 from pipeline.train.loop import (
     NonFiniteLossError,
+    RankZero,
     TrainJob,
     build_state,
     checkpoint_state,
@@ -36,6 +38,7 @@ from pipeline.train.loop import (
 )
 from pipeline.train.sessions import LocalSession
 from pipeline.train.stage import TrainOutputs, run_name, train
+from pipeline.train.validation import VALIDATION_METRICS, ValidationSpec
 from tests.train_samples import tiny_data, tiny_params
 
 
@@ -118,23 +121,30 @@ class CrashAfter(LocalSession):
             raise KeyboardInterrupt(f"killed after iteration {iteration}")
 
 
-def job(params, data: Path) -> TrainJob:
+def job(params, data: Path, *, validate: bool = False, tracking_uri: str | None = None) -> TrainJob:
+    """The run ``t`` on ``data``; with ``validate``, scored on 3 images of its val2017 at each checkpoint."""
+    validation = ValidationSpec(data_root=str(data), split="val2017", num_images=3) if validate else None
     return TrainJob(
         params=params, data_root=str(data), run_name="t", data_hash="h", git_commit="c",
-        tracking_uri=None, init_weights_file=None,
+        tracking_uri=tracking_uri, init_weights_file=None, validation=validation,
     )  # fmt: skip
 
 
-def test_interrupted_and_resumed_trains_exactly_like_uninterrupted(data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("validate", [False, True], ids=["plain", "validating"])
+def test_interrupted_and_resumed_trains_exactly_like_uninterrupted(
+    data: Path, tmp_path: Path, validate: bool
+) -> None:
     # 12 images / batch 2 = 6 batches an epoch: the crash at 4 is mid-epoch, the run spans 2 epochs.
     params = params_from_dict(tiny_params(iterations=8, checkpoint_every=4, log_every=8))
     straight = LocalSession(tmp_path / "straight")
-    train_worker(job(params, data), straight)
+    train_worker(job(params, data, validate=validate), straight)
 
     with pytest.raises(KeyboardInterrupt):
-        train_worker(job(params, data), CrashAfter(tmp_path / "crashed", 4))
+        train_worker(job(params, data, validate=validate), CrashAfter(tmp_path / "crashed", 4))
     resumed = LocalSession(tmp_path / "crashed")
-    train_worker(job(params, data), resumed)
+    train_worker(job(params, data, validate=validate), resumed)
+    if validate:
+        assert [m["iteration"] for m in resumed.reported] == [8] and "val_ap50" in resumed.reported[0]
 
     a, b = straight.restore(), resumed.restore()
     assert b["progress"]["attempts"] == 2 and b["progress"]["iteration"] == 8 and b["progress"]["epoch"] == 1
@@ -349,3 +359,70 @@ def test_non_finite_loss_is_caught_at_the_next_log_line_before_any_checkpoint(
     )
     assert found and 1 <= int(found.group(1)) <= 4, caught.value
     assert session.checkpoints() == [] and session.reported == [], "nothing saved or reported past it"
+
+
+def test_validation_scores_each_checkpoint_on_the_training_device_and_changes_no_step(
+    data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Reports at 2, 4 (log lines), 3 (checkpoint) and 6 (both): only 3 and 6 are scored.
+    params = params_from_dict(tiny_params(iterations=6, checkpoint_every=3, log_every=2))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    scored = LocalSession(tmp_path / "scored")
+    with caplog.at_level(logging.INFO, logger="pipeline.train.loop"):
+        final = train_worker(job(params, data, validate=True, tracking_uri=uri), scored)
+
+    reported = {m["iteration"]: m for m in scored.reported}
+    assert sorted(reported) == [2, 3, 4, 6]
+    assert [i for i, m in reported.items() if set(VALIDATION_METRICS) <= set(m)] == [3, 6]
+    assert not any(k in reported[i] for i in (2, 4) for k in VALIDATION_METRICS)
+    rows = history_rows(scored.restore())
+    for iteration, steps in ((3, (1, 2, 3)), (6, (4, 5, 6))):
+        metrics = reported[iteration]
+        assert 0.0 <= metrics["val_ap"] <= metrics["val_ap50"] <= 1.0
+        expected = sum(r["loss"] for r in rows if r["step"] in steps) / len(steps)
+        assert metrics["train_loss"] == pytest.approx(expected, rel=1e-12), "mean loss since the previous one"
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[train] validation")]
+    assert len(lines) == 2 and lines[0].startswith("[train] validation iter 3: val_ap50 ")
+    assert "3 images of val2017 on cpu" in lines[0]
+
+    client = MlflowClient(tracking_uri=uri)
+    for name in VALIDATION_METRICS:
+        history = client.get_metric_history(final["mlflow_run_id"], name)
+        assert [m.step for m in history] == [3, 6], name
+        assert [m.value for m in history] == pytest.approx([reported[3][name], reported[6][name]])
+
+    # Scoring changed nothing in training: the same losses and weights as a run that does not score.
+    plain = LocalSession(tmp_path / "plain")
+    train_worker(job(params, data), plain)
+    a, b = plain.restore(), scored.restore()
+    assert [r["loss"] for r in history_rows(a)] == [r["loss"] for r in rows]
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert torch.equal(a["rng"]["cpu"], b["rng"]["cpu"]), "the checkpoints continue the same stream"
+
+
+def test_other_ranks_report_the_validation_keys_as_nan_without_scoring(tmp_path: Path) -> None:
+    session = LocalSession(tmp_path)
+    session.rank = 1
+    params = params_from_dict(tiny_params())
+    rank1 = RankZero(session)
+    missing = tmp_path / "no-data"  # not read: rank 1 loads and scores nothing
+    validating = job(params, missing, validate=True)
+    rank1.load_validation(validating)
+    assert rank1.holdout is None
+    state = build_state(job(params, tmp_path), LocalSession(tmp_path), None)
+    scores = rank1.validate(validating, state)
+    assert set(scores) == set(VALIDATION_METRICS) and all(math.isnan(v) for v in scores.values())
+    assert rank1.validate(job(params, missing), state) == {}, "no keys when the job does not validate"
+
+
+def test_a_split_without_images_fails_before_training(data: Path, tmp_path: Path) -> None:
+    params = params_from_dict(tiny_params())
+    bad = TrainJob(
+        params=params, data_root=str(data), run_name="t", data_hash="h", git_commit="c", tracking_uri=None,
+        init_weights_file=None, validation=ValidationSpec(data_root=str(data), split="val2099", num_images=3),
+    )  # fmt: skip
+    session = LocalSession(tmp_path / "bad")
+    with pytest.raises(Exception, match="val2099"):
+        train_worker(bad, session)
+    assert session.reported == [], "no step trained"

@@ -1,4 +1,4 @@
-"""Ray Train on a real local cluster: 2 CPU workers over gloo stay in sync; a killed worker resumes.
+"""Ray Train on a real local cluster: 2 CPU workers over gloo stay in sync; a killed worker resumes; validation.
 
 The whole job killed and started again: tests/stages/test_train.py (via `ray job submit`).
 """
@@ -6,6 +6,7 @@ The whole job killed and started again: tests/stages/test_train.py (via `ray job
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -15,8 +16,14 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from ray.train import UserCallback
 
+from pipeline import cluster
+from pipeline.config import params_from_dict
 from pipeline.model_file import load_model_file
+from pipeline.train.loop import TrainJob
+from pipeline.train.ray_train import build_trainer
+from pipeline.train.validation import VALIDATION_METRICS, ValidationSpec
 from tests.ray_cluster import LocalRayCluster, ray_cluster, registered_checkpoint  # noqa: F401 (fixture)
 from tests.train_samples import tiny_data, tiny_params, write_params
 
@@ -121,3 +128,54 @@ def test_two_workers_stay_in_sync_and_a_killed_worker_resumes(
     )
     lrs = client.get_metric_history(runs[0].info.run_id, "lr")
     assert max(m.value for m in lrs) == pytest.approx(0.08 * 4 / 16)
+
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+class RecordReports(UserCallback):
+    """Ray Train callback (runs in the controller): each report's per-rank metrics as a JSON line."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        with open(self.path, "a") as out:
+            out.write(json.dumps({"checkpoint": checkpoint is not None, "metrics": metrics}) + "\n")
+
+
+def drive_validating_run(data: str, storage: str, record: str) -> None:
+    """The driver of a 2-worker run validating at each checkpoint (its own process: Ray reads the
+    cluster's token from the environment when it is imported)."""
+    params = params_from_dict(tiny_params(**TWO_WORKERS, iterations=4, checkpoint_every=2, log_every=2))
+    job = TrainJob(
+        params=params, data_root=data, run_name="validating", data_hash="h", git_commit="c",
+        tracking_uri=None, init_weights_file=None,
+        validation=ValidationSpec(data_root=data, split="val2017", num_images=3),
+    )  # fmt: skip
+    with cluster.connected(log_to_driver=True):
+        result = build_trainer(job, storage, callbacks=[RecordReports(record)]).fit()
+    assert result.checkpoint is not None
+
+
+def test_rank0_scores_on_its_worker_and_rank1_reports_nan(
+    ray_cluster: LocalRayCluster,  # noqa: F811
+    data: Path,
+    tmp_path: Path,
+) -> None:
+    record = tmp_path / "reports.jsonl"
+    args = ", ".join(repr(str(p)) for p in (data, tmp_path / "runs", record))
+    code = f"from tests.pipeline.train.test_ray_train import drive_validating_run as run; run({args})"
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, env=ray_cluster.env(), capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    reports = [json.loads(line) for line in record.read_text().splitlines()]
+    assert [(r["metrics"][0]["iteration"], r["checkpoint"]) for r in reports] == [(2, True), (4, True)]
+    for report in reports:
+        rank0, rank1 = report["metrics"]
+        assert set(VALIDATION_METRICS) <= set(rank0) and set(VALIDATION_METRICS) <= set(rank1)
+        assert 0.0 <= rank0["val_ap50"] <= 1.0 and math.isfinite(rank0["train_loss"])
+        assert all(math.isnan(rank1[k]) for k in VALIDATION_METRICS), "scored once, by rank 0"
+    assert "[train] validation iter 4: " in done.stdout + done.stderr, "rank 0's line reaches the driver"
