@@ -30,14 +30,13 @@ from typing import Any
 
 from pipeline.train.checkpoint import load_checkpoint
 from pipeline.train.loop import TrainJob, train_worker
+from pipeline.train.sessions import RaySession
 
 log = logging.getLogger(__name__)
 
 
 def ray_worker(config: dict[str, Any]) -> None:
     """``train_loop_per_worker``: one rank of the run (``config["job"]`` is the `TrainJob`)."""
-    from pipeline.train.sessions import RaySession
-
     # Our INFO lines reach the driver's log once: Ray Train already routes the worker's
     # stdout through the root logger, so a root handler here would print everything twice.
     ours = logging.getLogger("pipeline")

@@ -87,6 +87,8 @@ class RaySession:
     """Inside a Ray Train worker (``TorchTrainer`` has set up the process group)."""
 
     def __init__(self) -> None:
+        # Ray is imported where it is used: the loop and `LocalSession` import this module in
+        # processes that never start Ray (``--no-ray``, the GPU smoke script on a machine without Ray).
         import ray.train
         import ray.train.torch
 
