@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
@@ -84,25 +85,38 @@ def read_data_hash(root: str | Path) -> str:
 class DetectionDataset(Dataset):
     """One split of the preprocessed data (see the module docstring for the items).
 
-    With ``train=True`` each item is flipped horizontally with probability ``flip_prob``
-    (drawn from torch's global RNG: the main process's, seeded per rank, without loader workers;
-    else each worker's, which DataLoader seeds from its generator, seeded per epoch and rank by
-    `pipeline.train.loop.loader_seed`).
+    With ``train=True`` each item is flipped horizontally with probability ``flip_prob``. The
+    draw is a function of ``(seed, epoch, index)`` alone (`flips`; call `set_epoch` before each
+    epoch), not of any process's random stream: the same with or without DataLoader workers,
+    the same after a resume mid-epoch, and independent between images, so DDP ranks (which
+    see different images) flip independently.
     """
 
-    def __init__(self, root: str | Path, split: str, *, train: bool, flip_prob: float = 0.5) -> None:
+    def __init__(
+        self, root: str | Path, split: str, *, train: bool, flip_prob: float = 0.5, seed: int = 0
+    ) -> None:
         if not 0.0 <= flip_prob <= 1.0:
             raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
         self.root = Path(root)
         self.split = split
         self.train = train
         self.flip_prob = flip_prob
+        self.seed = seed
+        self.epoch = 0
         index = read_index(root, split)
         self.annotation_file: str = index.get("annotation_file", "")
         self.records: list[dict[str, Any]] = index["images"]
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose flips `__getitem__` draws (DataLoader workers copy it at iterator creation)."""
+        self.epoch = epoch
+
+    def flips(self, i: int) -> bool:
+        """Whether item ``i`` is flipped this epoch: a uniform draw seeded by ``(seed, epoch, i)``."""
+        return bool(np.random.default_rng((self.seed, self.epoch, i)).random() < self.flip_prob)
 
     @property
     def aspect_ratios(self) -> list[float]:
@@ -124,7 +138,7 @@ class DetectionDataset(Dataset):
         image = image.float().div_(255.0)
         boxes = torch.tensor(record["boxes"], dtype=torch.float32).reshape(-1, 4)  # (N, 4) xyxy
         labels = torch.tensor(record["labels"], dtype=torch.int64)
-        if self.train and self.flip_prob > 0 and torch.rand(()).item() < self.flip_prob:
+        if self.train and self.flip_prob > 0 and self.flips(i):
             image, boxes = hflip(image, boxes)
         return image, {"boxes": boxes, "labels": labels, "image_id": int(record["image_id"])}
 

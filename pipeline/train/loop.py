@@ -472,11 +472,9 @@ def epoch_batches(dataset: Any, job: TrainJob, session: Session, epoch: int) -> 
 def loader_seed(seed: int, epoch: int, rank: int) -> int:
     """Seed of the DataLoader's generator on ``rank`` for ``epoch``; DataLoader workers seed from it.
 
-    Per epoch and per rank: with ``train.loader_workers > 0`` the flips are drawn in the workers,
-    whose torch seed is ``base_seed + worker_id`` with ``base_seed`` drawn from this generator,
-    so a seed shared by all ranks would flip the same images on every rank. The rank term is a
-    prime far above any epoch count (no two (epoch, rank) pairs collide); rank 0 keeps
-    ``seed + epoch``, so one-process runs are unchanged.
+    The flips do not depend on it (`pipeline.dataset.DetectionDataset.flips` seeds each image's
+    draw itself); it keeps any other draw in a worker distinct per epoch and rank. The rank term
+    is a prime far above any epoch count (no two (epoch, rank) pairs collide).
     """
     return seed + epoch + 1_000_003 * rank
 
@@ -769,6 +767,7 @@ def train_epoch(
     """
     t, progress = job.params.train, state.progress
     batches = epoch_batches(dataset, job, session, progress.epoch)[progress.batch_in_epoch :]
+    dataset.set_epoch(progress.epoch)  # the epoch's flips (`DetectionDataset.flips`)
     loader = epoch_loader(dataset, batches, t, state.device, progress.epoch, session.rank)
     batch_iter = iter(loader)
     step_start = time.perf_counter()
@@ -843,7 +842,7 @@ def train_worker(job: TrainJob, session: Session) -> dict[str, Any]:
     rank0.load_validation(job)  # before the MLflow run: a bad split fails now, not at a checkpoint
     state.mlflow_run_id = rank0.open_run(job, state.mlflow_run_id)
     dataset = DetectionDataset(
-        job.data_root, params.data.train_split, train=True, flip_prob=params.train.flip_prob
+        job.data_root, params.data.train_split, train=True, flip_prob=params.train.flip_prob, seed=params.train.seed
     )
     _write_status(
         job, session, {"iteration": state.progress.iteration, "start_iteration": state.start_iteration}

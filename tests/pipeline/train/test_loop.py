@@ -15,11 +15,10 @@ import torch
 import torch.distributed as dist
 from mlflow import MlflowClient
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import Dataset
 
 from fpn import build_detector
 from pipeline.config import params_from_dict
-from pipeline.dataset import read_data_hash
+from pipeline.dataset import DetectionDataset, read_data_hash
 from pipeline.model_file import load_model_file
 from pipeline.train import loop
 from pipeline.train.checkpoint import history_rows
@@ -30,7 +29,6 @@ from pipeline.train.loop import (
     build_state,
     checkpoint_state,
     epoch_loader,
-    loader_seed,
     resolve_amp,
     seed_random_streams,
     train_worker,
@@ -215,29 +213,29 @@ def test_checkpoint_saves_and_rank0_restores_the_cuda_generators(
     assert len(restored) == 1 and restored[0][0] == 0 and torch.equal(restored[0][1], fake[0])
 
 
-class Draws(Dataset):
-    """Stands in for `DetectionDataset`'s flip: each item is the uniform number it draws from torch's RNG."""
-
-    def __len__(self) -> int:
-        return 16
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict]:
-        return torch.rand(()), {"index": i}
-
-
-def flips(rank: int, epoch: int) -> list[bool]:
-    """The flip decisions (draw < 0.5) rank ``rank``'s loader makes in ``epoch``, with 2 loader workers."""
-    t = params_from_dict(tiny_params(loader_workers=2)).train
-    loader = epoch_loader(Draws(), [[i, i + 8] for i in range(8)], t, torch.device("cpu"), epoch, rank)
-    return [bool(draw < 0.5) for draws, _ in loader for draw in draws]
+def loader_flips(data: Path, epoch: int, rank: int, workers: int) -> dict[int, bool]:
+    """image_id -> flipped, for every training image as rank ``rank``'s epoch loader yields it."""
+    t = params_from_dict(tiny_params(loader_workers=workers)).train
+    dataset = DetectionDataset(data, "train2017", train=True, flip_prob=0.5, seed=t.seed)
+    plain = DetectionDataset(data, "train2017", train=False)
+    dataset.set_epoch(epoch)
+    batches = [[i] for i in range(len(dataset))]
+    seen = {}
+    loader = epoch_loader(dataset, batches, t, torch.device("cpu"), epoch, rank)
+    for i, (images, targets) in enumerate(loader):
+        image_id = targets[0]["image_id"]
+        seen[image_id] = not torch.equal(images[0], plain[i][0])
+    return seen
 
 
-def test_loader_workers_flip_differently_on_each_rank_and_deterministically() -> None:
-    rank0, rank1 = flips(0, epoch=3), flips(1, epoch=3)
-    assert rank0 == flips(0, epoch=3) and rank1 == flips(1, epoch=3), "each rank's flips are deterministic"
-    assert rank0 != rank1, "ranks flip different images"
-    assert rank0 != flips(0, epoch=4), "and differently each epoch"
-    assert loader_seed(7, 3, 0) == 10, "rank 0 keeps seed + epoch (one-process runs unchanged)"
+def test_flips_are_per_image_and_epoch_whatever_the_loader_workers_and_rank(data: Path) -> None:
+    epoch3 = loader_flips(data, epoch=3, rank=0, workers=0)
+    assert loader_flips(data, epoch=3, rank=0, workers=2) == epoch3, "loader workers change no flip"
+    assert loader_flips(data, epoch=3, rank=1, workers=2) == epoch3, (
+        "an image's flip does not depend on the rank"
+    )
+    assert any(epoch3.values()) and not all(epoch3.values())
+    assert loader_flips(data, epoch=4, rank=0, workers=0) != epoch3, "each epoch flips anew"
 
 
 def test_bf16_falls_back_to_fp16_on_gpus_without_it(caplog: pytest.LogCaptureFixture) -> None:
