@@ -75,8 +75,8 @@ C  The real training loop in one process (``python -m stages.train --no-ray`` wi
    training moved the weights), the same for the second run in brackets; it passes when that
    is <= max(4 x the second run's, 0.02) and the largest relative loss gap over the steps <=
    max(4 x the second run's, 0.05).
-   INFO ``C resume-workers``: the same comparison with loader workers (an INFO, not a check:
-   the flips are drawn in the loader processes, and a mid-epoch resume restarts them).
+   ``C resume-workers``: the same comparison with loader workers (each image's flip is seeded
+   by (seed, epoch, image), so workers and a mid-epoch resume change nothing).
    INFO ``C loader-workers``: the step-1 loss with and without loader workers (same weights,
    same batches: equal unless the flips differ).
    INFO ``C cuda-rng`` (CUDA): whether the resumed run's CUDA generator ended where the
@@ -891,16 +891,7 @@ def section_c(device: torch.device, sizes: Sizes, out: Report) -> None:
         ok, detail = verdict(z, make_job(0))
         out.check("C resume", ok, f"loader_workers 0: {detail}")
         ok_w, detail_w = verdict(w, job_w)
-        out.info(
-            "C resume-workers",
-            f"loader_workers {workers}: {'matches' if ok_w else 'does NOT match'}: {detail_w}"
-            + (
-                ""
-                if ok_w
-                else " (the random flips are drawn inside the loader processes, whose random state "
-                "no checkpoint holds: a mid-epoch resume restarts them)"
-            ),
-        )
+        out.check("C resume-workers", ok_w, f"loader_workers {workers}: {detail_w}")
         first_w, first_0 = la[0], losses(z["straight"])[0]
         out.info(
             "C loader-workers",

@@ -70,7 +70,7 @@ def test_cpu_small_run_passes_every_section_without_ray_or_mlflow(tmp_path: Path
     expected = {
         "A": {"bf16-step", "gradients", "overfit", "fp16-scaler"},
         "B": {"kernel", "forward", "backward", "bf16-autocast", "torchvision-cpu"},
-        "C": {"train", "resume"},
+        "C": {"train", "resume", "resume-workers"},
         "D": {"ddp"},
     }
     for section, checks in expected.items():
