@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -232,10 +232,15 @@ def predict_split(
     )
 
 
+def _xywh_array(boxes: np.ndarray) -> np.ndarray:
+    """(N, 4) xyxy -> (N, 4) float64 COCO xywh, rounded to 0.01 px."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    return np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).round(2)
+
+
 def _xywh(boxes: np.ndarray) -> list[list[float]]:
     """(N, 4) xyxy -> N COCO [x, y, w, h] lists, rounded to 0.01 px."""
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    return np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).round(2).tolist()
+    return _xywh_array(boxes).tolist()
 
 
 def label_to_category(categories: Sequence[dict[str, Any]]) -> dict[int, dict[str, Any]]:
@@ -274,6 +279,18 @@ def proposal_results(detections: Sequence[ImageDetections]) -> list[dict[str, An
         for det in detections
         for bbox, score in zip(_xywh(det.proposals), det.proposal_scores.tolist(), strict=True)
     ]
+
+
+def proposal_arrays(detections: Iterable[ImageDetections]) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Proposals image by image for `pipeline.evaluate.coco_eval.streaming_proposal_recall`.
+
+    Yields ``(image_id, boxes, scores)``: boxes (P, 4) float64 COCO xywh rounded to 0.01 px and
+    scores (P,) float64, in the order of ``det.proposals``: the numbers `proposal_results` gives,
+    as arrays and one image at a time (nothing is built for the whole split).
+    """
+    for det in detections:
+        scores = np.asarray(det.proposal_scores, dtype=np.float64).reshape(-1)
+        yield det.image_id, _xywh_array(det.proposals), scores
 
 
 def detection_records(

@@ -7,8 +7,8 @@ Outputs (paths from the command line):
   proposal recall ``proposal_AR100, proposal_AR1k, proposal_ARs1k, proposal_ARm1k, proposal_ARl1k``,
   ``AP_<category name>`` per category with ground truth, ``num_images``, and the time per image:
   ``eval_seconds_per_image`` (forward pass only), ``eval_wall_seconds_per_image`` (all of inference:
-  decoding, loading, Ray), ``cocoeval_seconds`` and ``proposal_eval_seconds`` (COCOeval of the
-  detections and of the proposals).
+  decoding, loading, Ray), ``cocoeval_seconds`` (COCOeval of the detections) and
+  ``proposal_eval_seconds`` (proposal recall, streamed image by image: COCOeval's numbers).
 * PR-curve CSV (DVC plots): ``recall, precision_iou50, precision_iou50_95`` over COCO's 101 recall
   thresholds (area all, 100 detections, averaged over categories).
 * pictures: ``<image_id>.jpg`` for the first ``evaluate.num_pictures`` validation images, detections
@@ -46,7 +46,7 @@ from pipeline.evaluate.coco_eval import (
     EvaluationError,
     evaluate_detections,
     load_ground_truth,
-    proposal_recall,
+    streaming_proposal_recall,
 )
 from pipeline.evaluate.drawing import draw_detections
 from pipeline.inference import (
@@ -55,7 +55,7 @@ from pipeline.inference import (
     coco_results,
     label_to_category,
     predict_split,
-    proposal_results,
+    proposal_arrays,
 )
 from pipeline.io import atomic_directory, atomic_write_text, check_output_folder
 from pipeline.model_file import LoadedModel, load_model_file
@@ -372,7 +372,7 @@ def run_evaluate(
         gt, coco_results(run.detections, categories), image_ids=image_ids, where="detections"
     )
     start = time.perf_counter()
-    proposals = proposal_recall(gt, proposal_results(run.detections), image_ids=image_ids)
+    proposals = streaming_proposal_recall(gt, proposal_arrays(run.detections), image_ids=image_ids)
     metrics = build_metrics(det_eval, proposals, run, categories)
     metrics["proposal_eval_seconds"] = time.perf_counter() - start
 

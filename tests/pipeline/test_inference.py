@@ -16,6 +16,7 @@ from pipeline.inference import (
     coco_results,
     image_to_tensor,
     predict_split,
+    proposal_arrays,
     proposal_results,
     to_original_frame,
 )
@@ -47,6 +48,25 @@ def test_original_frame_and_coco_ids() -> None:
     ]
     assert proposal_results([original]) == [{"image_id": 7, "bbox": [20.0, 10.0, 40.0, 20.0], "score": 1.0}]
     assert coco_results([to_original_frame(detections([], []), 8, 1.0, 1.0)], CATEGORIES) == []
+
+
+def test_proposal_arrays_are_proposal_results_image_by_image() -> None:
+    boxes = [[10.004, 20.0, 30.5, 60.25], [0.0, 0.0, 1.0, 1.0], [5.0, 5.0, 5.0, 5.0]]
+    first = to_original_frame(detections(boxes, [1, 1, 2]), 7, scale_x=0.3, scale_y=1.7)
+    first.proposal_scores = np.array([0.25, 0.75, 0.25], dtype=np.float32)
+    empty = to_original_frame(detections([], []), 8, 1.0, 1.0)
+    stream = proposal_arrays([first, empty])
+    assert not isinstance(stream, list)  # a generator: one image at a time
+    arrays = list(stream)
+    assert [image_id for image_id, _, _ in arrays] == [7, 8]
+    for _, xywh, scores in arrays:
+        assert xywh.dtype == scores.dtype == np.float64 and xywh.shape == (len(scores), 4)
+    as_dicts = [
+        {"image_id": image_id, "bbox": box, "score": score}
+        for image_id, xywh, scores in arrays
+        for box, score in zip(xywh.tolist(), scores.tolist(), strict=True)
+    ]
+    assert as_dicts == proposal_results([first, empty])  # the same numbers, exactly
 
 
 def test_unknown_label_is_an_error() -> None:

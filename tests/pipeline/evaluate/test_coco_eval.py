@@ -5,21 +5,26 @@ from __future__ import annotations
 import json
 import math
 import sys
+import tracemalloc
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+from pycocotools.coco import COCO
 
 from pipeline.evaluate.coco_eval import (
     PROPOSAL_KEYS,
     STANDARD_KEYS,
     EvaluationError,
+    ProposalRecall,
     coco_metrics,
     evaluate_detections,
     ground_truth_from_dict,
     load_ground_truth,
     proposal_recall,
+    streaming_proposal_recall,
 )
 from pipeline.inference import ImageDetections, coco_results, to_original_frame
 from tests.detection_samples import coco_mini_preprocessed, read_categories
@@ -259,3 +264,224 @@ def test_bad_ground_truth_boxes_and_ids_are_refused_naming_the_entry() -> None:
     gt["annotations"][1]["image_id"] = True
     with pytest.raises(EvaluationError, match=r"ground truth: annotations\[1\]\.image_id: must be an integer"):
         ground_truth_from_dict(gt)
+
+
+# Streaming proposal recall: the same numbers as COCOeval (`proposal_recall`) on every case.
+
+ImageProposals = tuple[int, np.ndarray, np.ndarray]  # (image_id, boxes (P, 4) xywh, scores (P,))
+
+
+def as_results(proposals: list[ImageProposals]) -> list[dict]:
+    """The per-image arrays as the dict list `proposal_recall` takes (same numbers, same order)."""
+    return [
+        {"image_id": image_id, "bbox": box, "score": score}
+        for image_id, boxes, scores in proposals
+        for box, score in zip(boxes.tolist(), scores.tolist(), strict=True)
+    ]
+
+
+def assert_same_recall(gt: COCO, proposals: list[ImageProposals], **kwargs: object) -> dict[str, float]:
+    """streaming_proposal_recall == COCOeval's proposal_recall to 1e-9 for every key; returns it."""
+    expected = proposal_recall(gt, as_results(proposals), **kwargs)
+    got = streaming_proposal_recall(gt, iter(proposals), **kwargs)
+    assert list(got) == list(PROPOSAL_KEYS)
+    for key in PROPOSAL_KEYS:
+        assert got[key] == pytest.approx(expected[key], abs=1e-9), (key, got, expected)
+    return got
+
+
+def jittered(rng: np.random.Generator, boxes: np.ndarray, count: int, *, step: float) -> np.ndarray:
+    """(count, 4) xywh: random ground-truth boxes moved and resized by multiples of ``step`` px."""
+    if len(boxes) == 0:
+        return np.zeros((0, 4))
+    picked = boxes[rng.integers(len(boxes), size=count)]
+    return np.maximum(picked + rng.integers(-3, 4, size=(count, 4)) * step, [0, 0, 1, 1])
+
+
+def random_boxes(rng: np.random.Generator, count: int, *, size: float, step: float) -> np.ndarray:
+    """(count, 4) xywh on a grid of ``step`` px inside ``size`` x ``size`` (grids give exact IoU ties)."""
+    cells = int(size // step)
+    xy = rng.integers(0, cells, size=(count, 2)) * step
+    wh = rng.integers(1, cells // 2, size=(count, 2)) * step
+    return np.concatenate([xy, wh], axis=1).astype(np.float64)
+
+
+def gt_boxes_by_image(gt: COCO) -> dict[int, np.ndarray]:
+    """image id -> (G, 4) xywh of all its ground truth (crowd too)."""
+    return {
+        image_id: np.asarray([a["bbox"] for a in gt.imgToAnns.get(image_id, [])], dtype=np.float64).reshape(
+            -1, 4
+        )
+        for image_id in gt.getImgIds()
+    }
+
+
+def test_streaming_recall_equals_cocoeval_on_real_val2014_detections(cocoapi_eval: Path) -> None:
+    """cocoapi's 100 val2014 images (9 crowd boxes) and its fake detections as proposals, plus
+    jittered ground truth with 2-decimal scores (ties) so there are more than 100 per image."""
+    gt = load_ground_truth(cocoapi_eval / "instances_val2014_100.json")
+    results = json.loads((cocoapi_eval / "instances_val2014_fakebbox100_results.json").read_text())
+    rng = np.random.default_rng(0)
+    proposals = []
+    for image_id, truth in gt_boxes_by_image(gt).items():
+        real = [r for r in results if r["image_id"] == image_id]
+        extra = jittered(rng, truth, 150, step=2.0)
+        boxes = np.concatenate([np.asarray([r["bbox"] for r in real]).reshape(-1, 4), extra])
+        scores = np.concatenate([[r["score"] for r in real], rng.integers(0, 50, len(extra)) / 100])
+        proposals.append((image_id, boxes, scores))
+    recall = assert_same_recall(gt, proposals)
+    assert 0 < recall["AR100"] < recall["AR1k"] < 1
+    assert all(0 < recall[key] < 1 for key in ("ARs1k", "ARm1k", "ARl1k"))
+
+
+def test_streaming_recall_equals_cocoeval_on_coco_mini(shared_data: Path) -> None:
+    """coco-mini val2017 (80 images, 11 crowd RLE boxes, COCO ids with gaps): jittered and random
+    proposals, more than 1000 on some images, none on others, evaluated on a subset of images."""
+    gt = load_ground_truth(shared_data / "coco-mini" / "annotations" / "instances_val2017.json")
+    rng = np.random.default_rng(1)
+    proposals = []
+    for n, (image_id, truth) in enumerate(gt_boxes_by_image(gt).items()):
+        count = 0 if n % 9 == 4 else (1100 if n % 20 == 0 else 120)
+        boxes = np.concatenate(
+            [jittered(rng, truth, count // 2, step=1.5), random_boxes(rng, count // 2, size=640, step=16)]
+        )
+        proposals.append((image_id, boxes, rng.random(len(boxes)).astype(np.float32).astype(np.float64)))
+    assert_same_recall(gt, proposals)
+    assert_same_recall(gt, proposals, image_ids=gt.getImgIds()[::3])
+
+
+def synthetic_case(seed: int, *, images: int = 24) -> tuple[COCO, list[ImageProposals]]:
+    """Ground truth and proposals on a 16 px grid of a 256 px image, with what COCOeval's rules
+    distinguish: crowd boxes, areas at 32^2 and 96^2 and one off, annotation id 0, three
+    categories listed out of order, images without ground truth or without proposals, scores
+    from 5 values (ties), more than 100 proposals on most images."""
+    rng = np.random.default_rng(seed)
+    annotations, proposals = [], []
+    for image_id in range(1, images + 1):
+        count = 0 if image_id % 6 == 0 else int(rng.integers(0, 9))
+        boxes = random_boxes(rng, count, size=256, step=16)
+        for box in boxes:
+            area = (
+                float(box[2] * box[3])
+                if rng.random() < 0.6
+                else float(rng.choice([1023, 1024, 1025, 9215, 9216, 9217]))
+            )
+            annotations.append(
+                {"id": len(annotations), "image_id": image_id, "category_id": int(rng.choice([2, 5, 9])),
+                 "bbox": box.tolist(), "area": area, "iscrowd": int(rng.random() < 0.15)}
+            )  # fmt: skip
+        if image_id % 5 == 0:
+            proposals.append((image_id, np.zeros((0, 4)), np.zeros(0)))
+            continue
+        total = int(rng.integers(20, 260))
+        near = jittered(rng, boxes, total // 2, step=8.0)
+        boxes = np.concatenate([near, random_boxes(rng, total - len(near), size=256, step=16)])
+        proposals.append((image_id, boxes, rng.integers(0, 5, len(boxes)) / 4))
+    dataset = {
+        "images": [{"id": i, "width": 256, "height": 256} for i in range(1, images + 1)],
+        "annotations": annotations,
+        "categories": [{"id": 9, "name": "c9"}, {"id": 2, "name": "c2"}, {"id": 5, "name": "c5"}],
+    }
+    return ground_truth_from_dict(dataset), proposals
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_streaming_recall_equals_cocoeval_on_synthetic_cases(seed: int) -> None:
+    gt, proposals = synthetic_case(seed)
+    assert any(a["iscrowd"] for a in gt.dataset["annotations"])
+    assert {1024.0, 9216.0} & {a["area"] for a in gt.dataset["annotations"]}
+    assert_same_recall(gt, proposals)
+    # Images never given count as without proposals; images outside image_ids are skipped.
+    assert_same_recall(gt, proposals[::2])
+    assert_same_recall(gt, proposals, image_ids=range(1, 13))
+
+
+def test_streaming_recall_with_more_than_64_gts_and_1000_proposals() -> None:
+    """70 gts on one image (two 64-bit words of gts per proposal), 1100 proposals (cut to 1000)."""
+    rng = np.random.default_rng(7)
+    truth = random_boxes(rng, 70, size=512, step=4)
+    anns = [{"id": i + 1, "image_id": 1, "category_id": 1, "bbox": box.tolist()} for i, box in enumerate(truth)]
+    gt = ground_truth_from_dict({"images": [{"id": 1}], "annotations": anns, "categories": [{"id": 1}]})
+    boxes = np.concatenate([random_boxes(rng, 700, size=512, step=4), jittered(rng, truth, 400, step=2.0)])
+    recall = assert_same_recall(gt, [(1, boxes, rng.random(len(boxes)))])
+    assert recall["AR100"] < recall["AR1k"]
+
+
+def test_streaming_recall_breaks_iou_ties_as_cocoeval() -> None:
+    """A proposal with the same IoU (0.6) with two gts takes the one listed last (categories in
+    id order), which can leave a later proposal without a match."""
+    first, second = [0.0, 0.0, 10.0, 10.0], [5.0, 0.0, 10.0, 10.0]
+    proposals = [(1, np.array([[2.5, 0.0, 10.0, 10.0], second]), np.array([0.9, 0.8]))]
+    recalls = []
+    for categories in ((1, 2), (2, 1)):  # `second` listed last, then first
+        anns = [
+            {"id": 1, "image_id": 1, "category_id": categories[0], "bbox": first},
+            {"id": 2, "image_id": 1, "category_id": categories[1], "bbox": second},
+        ]
+        gt = ground_truth_from_dict(
+            {"images": [{"id": 1}], "annotations": anns, "categories": [{"id": 1}, {"id": 2}]}
+        )
+        recalls.append(assert_same_recall(gt, proposals)["AR100"])
+    assert recalls[0] == pytest.approx(0.5)  # `second` taken at IoU 0.6: the exact box finds nothing
+    assert recalls[1] > recalls[0]
+
+
+def test_streaming_recall_of_crowd_only_and_empty_cases() -> None:
+    crowd = {"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 50, 50], "iscrowd": 1}
+    dataset = {"images": [{"id": 1}, {"id": 2}], "annotations": [crowd], "categories": [{"id": 1}]}
+    gt = ground_truth_from_dict(dataset)
+    on_crowd = [(1, np.array([[0.0, 0.0, 50.0, 50.0], [10.0, 10.0, 20.0, 20.0]]), np.array([1.0, 0.5]))]
+    assert assert_same_recall(gt, on_crowd) == {key: -1.0 for key in PROPOSAL_KEYS}
+    tiny = ground_truth_from_dict(tiny_gt())
+    assert assert_same_recall(tiny, []) == {key: 0.0 for key in PROPOSAL_KEYS}
+    exact = [(image_id, boxes, np.ones(len(boxes))) for image_id, boxes in gt_boxes_by_image(tiny).items()]
+    assert assert_same_recall(tiny, exact) == {key: pytest.approx(1.0) for key in PROPOSAL_KEYS}
+
+
+def test_streaming_recall_refuses_bad_proposals() -> None:
+    gt = ground_truth_from_dict(tiny_gt())
+    box, score = np.array([[5.0, 5.0, 20.0, 20.0]]), np.array([0.9])
+    with pytest.raises(EvaluationError, match=r"proposals: image id 999 is not in the ground truth"):
+        streaming_proposal_recall(gt, [(10, box, score), (999, box, score)])
+    with pytest.raises(EvaluationError, match=r"proposals: image id 10 given twice"):
+        streaming_proposal_recall(gt, [(10, box, score), (11, box, score), (10, box, score)])
+    with pytest.raises(
+        EvaluationError, match=r"image 10: expected boxes \(P, 4\) and scores \(P,\), got \(4,\)"
+    ):
+        streaming_proposal_recall(gt, [(10, box[0], score)])
+    with pytest.raises(EvaluationError, match=r"image 11: boxes and scores must be finite numbers"):
+        streaming_proposal_recall(gt, [(11, box, np.array([math.nan]))])
+    with pytest.raises(EvaluationError, match=r"image_id must be an integer, got True"):
+        streaming_proposal_recall(gt, [(True, box, score)])
+    with pytest.raises(EvaluationError, match="ground truth has no categories"):
+        ProposalRecall(ground_truth_from_dict({"images": [{"id": 1}], "annotations": [], "categories": []}))
+
+
+def test_streaming_recall_memory_does_not_grow_with_images() -> None:
+    """Peak traced memory of 400 streamed images of 1000 proposals is that of 50 (give or take
+    the set of ids seen)."""
+    images = 400
+    rng = np.random.default_rng(0)
+    anns = [
+        {"id": i + 1, "image_id": i // 5 + 1, "category_id": 1, "bbox": box.tolist()}
+        for i, box in enumerate(random_boxes(rng, 5 * images, size=512, step=8))
+    ]
+    gt = ground_truth_from_dict(
+        {"images": [{"id": i} for i in range(1, images + 1)], "annotations": anns, "categories": [{"id": 1}]}
+    )
+    truth = gt_boxes_by_image(gt)
+
+    def stream(count: int) -> Iterator[ImageProposals]:
+        for image_id in range(1, count + 1):
+            boxes = np.concatenate(
+                [jittered(rng, truth[image_id], 300, step=4.0), random_boxes(rng, 700, size=512, step=8)]
+            )
+            yield image_id, boxes, rng.random(1000)
+
+    peaks = []
+    for count in (50, images):
+        tracemalloc.start()
+        streaming_proposal_recall(gt, stream(count), image_ids=range(1, count + 1))
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    assert peaks[1] < peaks[0] + 256 * 1024, peaks
