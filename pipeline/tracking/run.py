@@ -7,7 +7,8 @@ experiment, except the one model-logging block in `pipeline.tracking.fluent`.
 * `tracking_uri()` -- ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<project root>/mlflow.db``
   (the project root is where ``params.yaml``/``dvc.yaml`` live: the stage's working directory).
 * `check_tracking_uri()` -- the same URI, after checking that an HTTP server answers.
-* `mlflow_client(uri)` -- the client for ``uri`` (tracking and registry).
+* `mlflow_client(uri)` -- the client for ``uri`` (tracking and registry); a SQLite store is created
+  and migrated first, once, under a lock file (`pipeline.tracking.store.prepare_store`).
 * `TrackedRun` -- one MLflow run, opened fresh or continued by id (a resumed training continues
   the run it started). By default every call swallows MLflow failures: a tracking server that is
   down or a locked database costs the metrics, never the training. The first failure warns once,
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.provenance import project_root
+from pipeline.tracking.store import prepare_store
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -90,9 +92,14 @@ def check_tracking_uri(uri: str | None = None, *, timeout_s: float = 5.0) -> str
 
 
 def mlflow_client(uri: str) -> MlflowClient:
-    """The project's one way to talk to MLflow: a client for ``uri`` as tracking and registry store."""
+    """The project's one way to talk to MLflow: a client for ``uri`` as tracking and registry store.
+
+    A SQLite store is prepared first (`prepare_store`), so that processes opening a new one at once
+    do not race in its schema migration.
+    """
     from mlflow import MlflowClient
 
+    prepare_store(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
