@@ -22,6 +22,9 @@ Run (dvc.yaml does this; paths are arguments, settings come from params.yaml ``t
   model and training params and the data hash, so running the same config again (after a
   crash or a kill) resumes from its latest checkpoint, and a changed config starts fresh.
 * ``--no-ray`` runs the same loop in this process (debugging, profiling).
+* One live run per run name: a second one started while the first trains exits 2, naming the run
+  and its lock file ``<storage path>/<run name>.lock`` (`pipeline.train.run_lock`). A run that
+  fails is marked FAILED in MLflow.
 * ``--status-dir`` makes each worker write ``rank<k>.json`` (pid, host, iteration, weights checksum).
 * MLflow: ``MLFLOW_TRACKING_URI``, else ``sqlite:///<project root>/mlflow.db``; experiment
   ``train.experiment``. An unreachable MLflow costs the logging, never the training.
@@ -38,6 +41,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import ConfigError, load_params
+from pipeline.train.run_lock import RunLockedError
 from pipeline.train.stage import TrainOutputs, train
 from stages.cli import fail
 
@@ -67,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             use_ray=not args.no_ray,
             status_dir=args.status_dir,
         )
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, RunLockedError) as err:
         return fail("train", err)
     print(
         f"stages.train: {metrics['iterations']} iterations, loss {metrics['loss']:.4f}, "
