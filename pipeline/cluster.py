@@ -5,7 +5,11 @@
   ``host:port`` address nothing listens on fails at once (Ray itself retries for minutes),
   and a local cluster's processes know its dashboard address (Ray Train's placement-group
   cleaner reaches the state API through it; without it, with more than one Ray cluster on the
-  machine, a trial stopped by ASHA keeps its CPUs).
+  machine, a trial stopped by ASHA keeps its CPUs). The dashboard port is picked before
+  ``ray.init`` (the workers' environment is fixed then, so Ray's own choice, readable only
+  afterwards, comes too late) and may be taken by another process before the dashboard binds
+  it: ``ray.init`` is then tried again on a new port, up to `DASHBOARD_ATTEMPTS` times, after
+  stopping what the failed attempt had started.
 * `connected()` is the same as a context manager that shuts down what it started.
 * `check_fits()` compares ``runs`` training runs of ``train.num_workers`` workers with what a
   cluster (or this machine) has, so a request that can never schedule fails with the key to
@@ -18,14 +22,23 @@ and stages that never use Ray (fetch, ``--no-ray`` runs) should not pay for it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import socket
 from collections.abc import Iterator, Mapping
 
+import psutil
+
 from pipeline.config import ConfigError, Params
 
+log = logging.getLogger(__name__)
+
 ADDRESS_ENV = "RAY_ADDRESS"
+DASHBOARD_ATTEMPTS = 3  # dashboard ports tried when each turns out to be taken
+# How Ray 2.60 says the dashboard port is taken: its own check before starting the dashboard
+# ("... because it's already occupied"), or the dashboard's log when it lost the race to bind.
+_PORT_TAKEN = ("already occupied", "address already in use")
 
 
 class ClusterError(RuntimeError):
@@ -58,7 +71,27 @@ def connect(*, log_to_driver: bool = True, dashboard: bool = True) -> str:
             _check_reachable(address)
             ray.init(address=address, log_to_driver=log_to_driver)
         elif dashboard:
-            port = _free_port()
+            _start_with_dashboard(log_to_driver=log_to_driver)
+        else:
+            ray.init(include_dashboard=False, log_to_driver=log_to_driver)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise ClusterError(f"cannot start or join {where}: {err}") from None
+    return where
+
+
+def _start_with_dashboard(*, log_to_driver: bool) -> None:
+    """Start a local cluster with its dashboard on 127.0.0.1 at a free port; retry a taken port.
+
+    A port taken between picking it and the dashboard binding it makes ``ray.init`` fail after
+    it started the head's first processes (GCS server, ...), which Ray does not stop; they are
+    stopped here (`_stop_new_ray_children`) before the next attempt.
+    """
+    import ray
+
+    for attempt in range(1, DASHBOARD_ATTEMPTS + 1):
+        port = _free_port()
+        before = _child_pids()
+        try:
             ray.init(
                 include_dashboard=True,
                 dashboard_host="127.0.0.1",
@@ -66,11 +99,41 @@ def connect(*, log_to_driver: bool = True, dashboard: bool = True) -> str:
                 runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
                 log_to_driver=log_to_driver,
             )
-        else:
-            ray.init(include_dashboard=False, log_to_driver=log_to_driver)
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        raise ClusterError(f"cannot start or join {where}: {err}") from None
-    return where
+            return
+        except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception when the dashboard dies
+            if not any(sign in str(err).lower() for sign in _PORT_TAKEN):
+                raise
+            _stop_new_ray_children(before)
+            if attempt == DASHBOARD_ATTEMPTS:
+                raise RuntimeError(
+                    f"the dashboard port was taken {DASHBOARD_ATTEMPTS} times in a row (last 127.0.0.1:{port})"
+                ) from err
+            log.warning("Ray dashboard port 127.0.0.1:%d was taken; starting Ray again on another port", port)
+
+
+def _child_pids() -> set[int]:
+    """PIDs of this process's children and their descendants."""
+    return {child.pid for child in psutil.Process().children(recursive=True)}
+
+
+def _stop_new_ray_children(before: set[int]) -> None:
+    """Kill this process's descendants not in ``before`` that run Ray's code (what a failed start left).
+
+    Only processes whose command line names the Ray package's folder (GCS server, monitor,
+    reaper, dashboard) are killed: a child another thread started meanwhile is left alone.
+    """
+    import ray
+
+    ray_dir = os.path.dirname(ray.__file__)
+    stopped = []
+    for child in psutil.Process().children(recursive=True):
+        if child.pid in before:
+            continue
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            if ray_dir in " ".join(child.cmdline()):
+                child.kill()
+                stopped.append(child)
+    psutil.wait_procs(stopped, timeout=10)
 
 
 @contextlib.contextmanager

@@ -11,6 +11,16 @@ resolved against ``MLFLOW_TRACKING_URI`` (else ``sqlite:///<project root>/mlflow
 model is not a pyfunc logged from code (e.g. an ``mlflow.pytorch`` pickle) is refused before
 loading. Uses the GPU when one is visible.
 
+A registry model is code (it runs its logged ``model_code.py`` and imports its copies of ``fpn/``
+and ``pipeline/``), so before loading one its downloaded code is hashed and compared with the hash
+recorded for it (tag ``code_sha256`` of the model version, or of the run for ``runs:/``): a
+mismatch or a missing hash exits 2 naming the URI and what differs (`pipeline.tracking.pyfunc`).
+
+* ``--expect-code-sha256 HEX`` compares with this hash instead (e.g. `project_code_sha256()` of a
+  checkout you trust): it also guards against a tracking store whose tags were changed.
+* ``--trust-model-code`` skips the check. DANGEROUS: whoever can write the artifact store (or the
+  tracking store) then runs any code they like in this process.
+
 Writes ``<out>/<image stem>.jpg`` with boxes, class names and scores drawn, and
 ``<out>/detections.json``: ``{"model": ..., "score_thresh": ..., "images": [{"file", "width",
 "height", "detections": [{"bbox_xyxy", "bbox" (x, y, w, h), "score", "category_id" (COCO id),
@@ -65,6 +75,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--score-thresh", type=float, default=0.5, help="keep detections scoring at least this"
     )
+    parser.add_argument(
+        "--expect-code-sha256",
+        metavar="HEX",
+        default=None,
+        help="load an MLflow model only if its code hashes to this SHA-256 (instead of the recorded hash)",
+    )
+    parser.add_argument(
+        "--trust-model-code",
+        action="store_true",
+        help="DANGEROUS: load an MLflow model's code without checking its hash (it runs in this process)",
+    )
     parser.add_argument("images", nargs="+", help="image files")
     return parser
 
@@ -79,7 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         return fail("predict", err)
     try:
         uri = check_tracking_uri() if is_mlflow_uri(args.model) else None
-        loaded = load_detector(args.model, tracking_uri=uri)
+        loaded = load_detector(
+            args.model,
+            tracking_uri=uri,
+            trust_code=args.trust_model_code,
+            expect_code_sha256=args.expect_code_sha256,
+        )
     except (ModelFileError, TrackingUnavailable, MlflowException, ValueError) as err:  # UnsafeModelError too
         return fail("predict", f"{args.model}: {err}")
     predictions = []

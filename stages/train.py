@@ -22,6 +22,9 @@ Run (dvc.yaml does this; paths are arguments, settings come from params.yaml ``t
   model and training params and the data hash, so running the same config again (after a
   crash or a kill) resumes from its latest checkpoint, and a changed config starts fresh.
 * ``--no-ray`` runs the same loop in this process (debugging, profiling).
+* One live run per run name: a second one started while the first trains exits 2, naming the run
+  and its lock file ``<storage path>/<run name>.lock`` (`pipeline.train.run_lock`). A run that
+  fails is marked FAILED in MLflow.
 * ``--status-dir`` makes each worker write ``rank<k>.json`` (pid, host, iteration, weights checksum).
 * MLflow: ``MLFLOW_TRACKING_URI``, else ``sqlite:///<project root>/mlflow.db``; experiment
   ``train.experiment``. An unreachable MLflow costs the logging, never the training.
@@ -40,6 +43,7 @@ from pathlib import Path
 from pipeline.cluster import ClusterError
 from pipeline.config import ConfigError, load_params
 from pipeline.dataset import DatasetError
+from pipeline.train.run_lock import RunLockedError
 from pipeline.train.stage import TrainOutputs, train
 from stages.cli import FAILED, fail
 
@@ -69,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             use_ray=not args.no_ray,
             status_dir=args.status_dir,
         )
-    except (ConfigError, DatasetError, FileNotFoundError) as err:
+    except (ConfigError, DatasetError, FileNotFoundError, RunLockedError) as err:
         return fail("train", err)
     except ClusterError as err:  # Ray could not be started or reached: not the input's fault
         return fail("train", err, FAILED)

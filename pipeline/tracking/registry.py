@@ -2,7 +2,9 @@
 
 Each version carries, as tags: ``metric.<name>`` (the evaluation numbers), ``params.<section>``
 (JSON), ``data_hash`` (manifest of the preprocessed data), ``val_data_hash`` (the validation
-split's index + categories: what the AP was measured on), ``git_commit``, and its history:
+split's index + categories: what the AP was measured on), ``git_commit``, ``code_sha256`` (the
+hash of the code the model runs when loaded, `pipeline.tracking.code_hash`, copied from the run
+that logged it: the loader refuses a version whose downloaded code differs), and its history:
 ``status`` (``champion`` | ``rejected`` | ``retired`` once a better one takes over),
 ``compared_with`` (e.g. ``version 3 AP 0.4120``) and ``decision`` (the reason, also the version's
 description). Stages (Staging/Production) are deprecated in MLflow 3: aliases only.
@@ -26,6 +28,7 @@ serialised: run one evaluation at a time.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +36,10 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+
+from pipeline.tracking.code_hash import CODE_SHA256_TAG
+
+log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 METRIC_TAG_PREFIX = "metric."
@@ -148,6 +155,19 @@ def _logged_model_id(model_uri: str) -> str | None:
     return rest if rest and "/" not in rest and "@" not in rest else None
 
 
+def logged_code_sha256(client: MlflowClient, model_uri: str) -> str | None:
+    """The code hash (tag ``code_sha256``) of the run that logged ``model_uri`` (``models:/<model id>``
+    or ``runs:/<run id>/<name>``), or None when there is none."""
+    model_id = _logged_model_id(model_uri)
+    if model_id is not None:
+        run_id = client.get_logged_model(model_id).source_run_id
+    elif model_uri.startswith("runs:/"):
+        run_id = model_uri[len("runs:/") :].strip("/").split("/", 1)[0]
+    else:
+        return None
+    return client.get_run(run_id).data.tags.get(CODE_SHA256_TAG) if run_id else None
+
+
 def register_model(
     client: MlflowClient,
     model_uri: str,
@@ -159,12 +179,15 @@ def register_model(
     val_data_hash: str,
     git_commit: str | None,
     extra_tags: Mapping[str, Any] | None = None,
+    code_sha256: str | None = None,
 ) -> Registration:
     """Register ``model_uri`` (e.g. a logged model's ``models:/m-...``) as a new version of ``name``
     through ``client``, tag it, decide the champion (module docstring) and move the alias; returns
     what was done.
 
     ``metrics`` must hold ``AP``. ``params`` maps a section name to its values (tagged as JSON).
+    ``code_sha256`` (default: the logging run's tag, `logged_code_sha256`) is tagged on the version;
+    without one the version is registered untagged, with a warning: loading it needs a pinned hash.
     """
     if "AP" not in metrics:
         raise ValueError("register_model: metrics lack 'AP', the champion criterion")
@@ -175,6 +198,17 @@ def register_model(
     tags["git_commit"] = git_commit or "unknown"
     tags["status"] = "candidate"
     tags.update({k: _tag_value(v) for k, v in (extra_tags or {}).items()})
+    code_hash = code_sha256 or logged_code_sha256(client, model_uri)
+    if code_hash is not None:
+        tags[CODE_SHA256_TAG] = code_hash
+    else:
+        log.warning(
+            "%s: no code hash (tag %s) on the run that logged it: version of %s registered without one; "
+            "loading it will need a pinned hash or trusting its code",
+            model_uri,
+            CODE_SHA256_TAG,
+            name,
+        )
     _create_registered_model(client, name)
     created = client.create_model_version(
         name, source=model_uri, tags=tags, model_id=_logged_model_id(model_uri)

@@ -7,7 +7,8 @@ experiment, except the one model-logging block in `pipeline.tracking.fluent`.
 * `tracking_uri()` -- ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<project root>/mlflow.db``
   (the project root is where ``params.yaml``/``dvc.yaml`` live: the stage's working directory).
 * `check_tracking_uri()` -- the same URI, after checking that an HTTP server answers.
-* `mlflow_client(uri)` -- the client for ``uri`` (tracking and registry).
+* `mlflow_client(uri)` -- the client for ``uri`` (tracking and registry); a SQLite store is created
+  and migrated first, once, under a lock file (`pipeline.tracking.store.prepare_store`).
 * `TrackedRun` -- one MLflow run, opened fresh or continued by id (a resumed training continues
   the run it started). By default every call swallows MLflow failures: a tracking server that is
   down or a locked database costs the metrics, never the training. The first failure warns once,
@@ -15,6 +16,8 @@ experiment, except the one model-logging block in `pipeline.tracking.fluent`.
   ``strict=True`` (stage evaluate, where MLflow is part of the job) a failure raises
   `TrackingError` instead.
 * `flatten()` -- a nested params dict as MLflow params (``{"train.lr": "0.02", ...}``).
+* `fail_running_runs()` -- mark FAILED the runs still RUNNING that carry a tag (a driver's
+  exception path: runs its workers opened must not stay RUNNING for ever).
 
 Usage (the evaluate stage does the same with its own metrics, artifacts and model)::
 
@@ -42,6 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.provenance import project_root
+from pipeline.tracking.store import prepare_store
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -90,9 +94,14 @@ def check_tracking_uri(uri: str | None = None, *, timeout_s: float = 5.0) -> str
 
 
 def mlflow_client(uri: str) -> MlflowClient:
-    """The project's one way to talk to MLflow: a client for ``uri`` as tracking and registry store."""
+    """The project's one way to talk to MLflow: a client for ``uri`` as tracking and registry store.
+
+    A SQLite store is prepared first (`prepare_store`), so that processes opening a new one at once
+    do not race in its schema migration.
+    """
     from mlflow import MlflowClient
 
+    prepare_store(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -333,6 +342,39 @@ class TrackedRun:
             self.client.set_terminated(self.run_id, status=status)
         except Exception as err:  # noqa: BLE001
             self._failed(f"the run status {status}", err)
+
+
+def fail_running_runs(
+    uri: str, experiment: str, tag: tuple[str, str], reason: str, *, keep: str | None = None
+) -> list[str]:
+    """Mark FAILED every RUNNING run of ``experiment`` at ``uri`` tagged ``tag`` = ``(key, value)``,
+    except run ``keep``, with the tag ``error`` = ``reason``; returns their ids.
+
+    For a driver whose workers opened the runs: it tags them with its own ``tag`` and calls this on
+    its way out. Never raises: an MLflow failure here warns, so the caller's own error stays the
+    one reported.
+    """
+    key, value = tag
+    try:
+        client = mlflow_client(uri)
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            return []
+        query = f"tags.{key} = '{value}' and attributes.status = 'RUNNING'"
+        runs = client.search_runs([found.experiment_id], filter_string=query)
+        failed = [run.info.run_id for run in runs if run.info.run_id != keep]
+        for run_id in failed:
+            client.set_tag(run_id, "error", reason[:5000])
+            client.set_terminated(run_id, status="FAILED")
+        return failed
+    except Exception as err:  # noqa: BLE001 - the caller is already failing for its own reason
+        message = (
+            f"MLflow at {uri}: runs tagged {key}={value} could not be marked FAILED "
+            f"({type(err).__name__}: {err})"
+        )
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        log.warning(message)
+        return []
 
 
 def _experiment_id(client: MlflowClient, name: str) -> str:

@@ -12,6 +12,13 @@
    rank 0 opened: final metrics, the loss CSV and the model file as artifacts (``model_file/``).
    No MLflow model is logged here: the run's one model is the pyfunc stage evaluate logs
    (`pipeline.tracking.pyfunc`), and nothing is pickled.
+
+Steps 3 and 4 hold the run's lock (`pipeline.train.run_lock`): a second live run of the same name
+is refused with `RunLockedError`. Every MLflow run this driver's training opens is tagged
+``train_driver=<host>:<pid>:<random>``; when training or writing the outputs raises (Ctrl-C
+included), those still RUNNING are marked FAILED (`pipeline.tracking.run.fail_running_runs`), and
+on success so are those a restarted worker left behind. A driver killed outright (SIGKILL) cannot
+do this: its runs stay RUNNING.
 """
 
 from __future__ import annotations
@@ -19,27 +26,34 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
+import socket
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fpn import build_detector
 from pipeline import cluster
 from pipeline.cluster import check_fits
 from pipeline.config import Params
+from pipeline.dataset import DatasetError, read_categories, read_data_hash
 from pipeline.io import atomic_write_text
 from pipeline.model_file import save_model_file
 from pipeline.provenance import git_commit
-from pipeline.tracking.run import TrackedRun, flatten, tracking_uri
+from pipeline.tracking.run import TrackedRun, fail_running_runs, flatten, tracking_uri
 from pipeline.train.checkpoint import Progress, history_rows
 from pipeline.train.init_weights import resolve_init_weights
 from pipeline.train.loop import LOSS_NAMES, TrainJob, train_worker
 from pipeline.train.preflight import check_num_classes, check_train_params
+from pipeline.train.run_lock import hold_run_lock
+from pipeline.train.sessions import LocalSession
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +64,7 @@ NAME_NEUTRAL_TRAIN_KEYS = frozenset(
 )
 PLOT_COLUMNS = ("step", "loss", *LOSS_NAMES, "lr")
 MODEL_FILE_ARTIFACT_DIR = "model_file"  # the run's copy of the model file: model_file/<name>.pt
+DRIVER_TAG = "train_driver"  # MLflow tag naming the driver whose training opened the run
 
 
 @dataclass(frozen=True)
@@ -90,8 +105,6 @@ def train(
     Raises `ConfigError` for bad params and `DatasetError` naming ``data_root`` when it is not
     a folder written by stage preprocess, both before any work.
     """
-    from pipeline.dataset import DatasetError, read_categories, read_data_hash
-
     started = time.perf_counter()
     check_train_params(params)
     data_root = Path(data_root).resolve()
@@ -105,6 +118,7 @@ def train(
     name = run_name(params, data_hash)
     storage = resolve_storage(storage_path)
     uri = tracking_uri()
+    driver = (DRIVER_TAG, f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
     job = TrainJob(
         params=params,
         data_root=str(data_root),
@@ -114,38 +128,55 @@ def train(
         tracking_uri=uri,
         init_weights_file=None,
         status_dir=str(Path(status_dir).resolve()) if status_dir else None,
+        run_tags=(driver,),
     )
+    with hold_run_lock(storage, name):
+        try:
+            state = _fit(job, storage, use_ray=use_ray)
+            metrics = write_outputs(
+                params, job, state, categories, outputs, wall_time_s=time.perf_counter() - started
+            )
+        except BaseException as err:
+            fail_running_runs(uri, params.train.experiment, driver, f"{type(err).__name__}: {err}")
+            raise
+    if metrics["mlflow_run_id"]:  # runs opened by a worker that died and was restarted
+        reason = f"a restarted worker of run {name} went on in MLflow run {metrics['mlflow_run_id']}"
+        fail_running_runs(uri, params.train.experiment, driver, reason, keep=metrics["mlflow_run_id"])
+    return metrics
+
+
+def _fit(job: TrainJob, storage: str, *, use_ray: bool) -> dict[str, Any]:
+    """Run ``job`` to its end with Ray Train (or in this process); the final checkpoint's state."""
+    params, name = job.params, job.run_name
     if use_ray:
-        from pipeline.train import ray_train
+        from pipeline.train import ray_train  # lazy: imports Ray (seconds), which --no-ray never needs
 
         where = cluster.connect()
-        cluster.check_tracking_reachable(uri, cluster.node_count(), where)
+        if job.tracking_uri:
+            cluster.check_tracking_reachable(job.tracking_uri, cluster.node_count(), where)
         check_fits(params, cluster.resources(), where)
         job = dataclasses.replace(job, init_weights_file=resolve_init_weights(params))
         log.info("training run %s (storage %s) on %s", name, storage, where)
-        state = ray_train.fit(job, storage)
-    else:
-        from pipeline.train.sessions import LocalSession
-
-        if params.train.num_workers != 1:
-            log.warning("train.num_workers=%d ignored without Ray: one process", params.train.num_workers)
-        local = {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
-        check_fits(
-            dataclasses.replace(
-                params, train=dataclasses.replace(params.train, num_workers=1, cpus_per_worker=1.0)
-            ),
-            local,
-            "this machine",
-        )
-        job = dataclasses.replace(job, init_weights_file=resolve_init_weights(params))
-        session = LocalSession(
-            Path(storage) / f"{name}-local", device=torch.device("cuda" if params.train.use_gpu else "cpu")
-        )
-        log.info("training run %s in this process (checkpoints in %s)", name, session.directory)
-        train_worker(job, session)
-        state = session.restore()
-        assert state is not None, "the loop always ends with a checkpoint"
-    return write_outputs(params, job, state, categories, outputs, wall_time_s=time.perf_counter() - started)
+        return ray_train.fit(job, storage)
+    if params.train.num_workers != 1:
+        log.warning("train.num_workers=%d ignored without Ray: one process", params.train.num_workers)
+    local = {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+    check_fits(
+        dataclasses.replace(
+            params, train=dataclasses.replace(params.train, num_workers=1, cpus_per_worker=1.0)
+        ),
+        local,
+        "this machine",
+    )
+    job = dataclasses.replace(job, init_weights_file=resolve_init_weights(params))
+    session = LocalSession(
+        Path(storage) / f"{name}-local", device=torch.device("cuda" if params.train.use_gpu else "cpu")
+    )
+    log.info("training run %s in this process (checkpoints in %s)", name, session.directory)
+    train_worker(job, session)
+    state = session.restore()
+    assert state is not None, "the loop always ends with a checkpoint"
+    return state
 
 
 def summary_metrics(params: Params, state: dict[str, Any], wall_time_s: float) -> dict[str, Any]:
@@ -174,8 +205,6 @@ def summary_metrics(params: Params, state: dict[str, Any], wall_time_s: float) -
 
 def plots_csv(state: dict[str, Any]) -> str:
     """``step,loss,loss_rpn_cls,loss_rpn_box,loss_cls,loss_box,lr`` per optimizer step."""
-    import io
-
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(PLOT_COLUMNS)
@@ -194,8 +223,6 @@ def write_outputs(
     wall_time_s: float,
 ) -> dict[str, Any]:
     """Model file, metrics JSON, plots CSV; then the MLflow run's final metrics, artifacts and status."""
-    from fpn import build_detector
-
     metrics = summary_metrics(params, state, wall_time_s)
     run_id = state["run"].get("mlflow_run_id")
     run = TrackedRun.disabled("no tracking URI")
@@ -206,7 +233,12 @@ def write_outputs(
             params.train.experiment,
             run_id=run_id,
             run_name=job.run_name,
-            tags={"run_name": job.run_name, "data_hash": job.data_hash, "git_commit": job.git_commit},
+            tags={
+                "run_name": job.run_name,
+                "data_hash": job.data_hash,
+                "git_commit": job.git_commit,
+                **dict(job.run_tags),
+            },
         )
         if run_id is None:
             run.log_params(flatten(params.to_dict()))

@@ -1,8 +1,9 @@
-"""python -m stages.predict: from a model file and from the registry's champion."""
+"""python -m stages.predict: from a model file and from the registry's champion, whose code is checked."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import uuid
@@ -11,7 +12,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.tracking.pyfunc import MODEL_NAME, log_detector
+from pipeline.tracking.code_hash import CODE_SHA256_TAG
+from pipeline.tracking.pyfunc import (
+    MODEL_NAME,
+    UnsafeModelError,
+    load_detector,
+    log_detector,
+    project_code_sha256,
+)
 from pipeline.tracking.registry import register_model
 from pipeline.tracking.run import TrackedRun, mlflow_client
 from stages import predict
@@ -131,7 +139,10 @@ def test_a_missing_second_image_fails_before_anything_is_written(
     """The first picture used to be written, then a traceback, and no detections.json."""
     model, images = inputs
     out = tmp_path / "out"
-    assert predict.main(["--model", str(model), "--out", str(out), str(images[0]), str(tmp_path / "gone.jpg")]) == 2
+    assert (
+        predict.main(["--model", str(model), "--out", str(out), str(images[0]), str(tmp_path / "gone.jpg")])
+        == 2
+    )
     err = capsys.readouterr().err
     assert err == f"stages.predict: error: {tmp_path / 'gone.jpg'}: image not found\n"
     assert not out.exists()
@@ -147,7 +158,9 @@ def test_a_decompression_bomb_exits_2_naming_the_file(
     out = tmp_path / "out"
     assert predict.main(["--model", str(model), "--out", str(out), str(images[0]), str(bomb)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"stages.predict: error: {bomb}: too large to decode (Image size (400000000 pixels)")
+    assert err.startswith(
+        f"stages.predict: error: {bomb}: too large to decode (Image size (400000000 pixels)"
+    )
     assert err.count("\n") == 1
     assert not out.exists()
 
@@ -166,3 +179,70 @@ def test_an_image_that_fails_to_decode_late_leaves_no_partial_output(
     assert predict.main(["--model", str(model), "--out", str(out), str(images[0]), str(truncated)]) == 2
     assert f"stages.predict: error: {truncated}: cannot read image" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"], "nothing written, the user's file kept"
+
+
+def test_registry_model_code_is_checked_against_its_recorded_hash(
+    inputs: tuple[Path, list[Path]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """A registered model whose copied code was changed in the artifact store is refused before any
+    of its code runs, naming the URI and the changed file; the untouched one loads; a pinned hash is
+    checked instead of the recorded one; --trust-model-code skips the check (and runs what is there)."""
+    model, images = inputs
+    monkeypatch.chdir(tmp_path)  # a SQLite store keeps its artifacts in ./mlruns
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    client = mlflow_client(store)
+    run = TrackedRun.open(store, "trust", strict=True)
+    info = log_detector(run, model)
+    run.finish()
+    assert info is not None
+    register_model(client, info.model_uri, name="fpn-trust", metrics={"AP": 0.1}, params={},
+                   data_hash=None, val_data_hash="d", git_commit=None)  # fmt: skip
+    recorded = client.get_model_version("fpn-trust", "1").tags[CODE_SHA256_TAG]
+    assert recorded == client.get_run(run.run_id).data.tags[CODE_SHA256_TAG] == project_code_sha256()
+    champion, by_run = "models:/fpn-trust@champion", f"runs:/{run.run_id}/{MODEL_NAME}"
+
+    def predict_args(uri: str, *extra: str) -> list[str]:
+        return ["--model", uri, "--out", str(tmp_path / "out"), "--score-thresh", "0", *extra, str(images[0])]
+
+    # Untouched: loads with the recorded hash, and with the same hash pinned; another pin is refused.
+    assert predict.main(predict_args(champion)) == 0
+    assert load_detector(champion, expect_code_sha256=recorded).categories
+    with pytest.raises(
+        UnsafeModelError, match=rf"^{re.escape(champion)}: refused to load: its code does not"
+    ):
+        load_detector(champion, expect_code_sha256="0" * 64)
+
+    # Tampered: one line added to a copied code file in the artifact store.
+    folder = Path(client.get_model_version_download_uri("fpn-trust", "1").removeprefix("file://"))
+    with (folder / "code" / "pipeline" / "inference.py").open("a") as handle:
+        handle.write("\nprint('not the code that was logged')\n")
+    capsys.readouterr()
+    for uri in (champion, by_run):
+        assert predict.main(predict_args(uri)) == 2
+        err = capsys.readouterr().err
+        assert f"{uri}: refused to load: its code does not match" in err, err
+        assert f"expected {recorded}" in err and "changed pipeline/inference.py" in err, err
+    assert predict.main(predict_args(champion, "--expect-code-sha256", recorded)) == 2
+    assert "changed pipeline/inference.py" in capsys.readouterr().err
+
+    # The models-from-code file itself changed: refused before it runs; trusted, it runs.
+    marker = tmp_path / "ran"
+    with (folder / "model_code.py").open("a") as handle:
+        handle.write(f"\nopen({str(marker)!r}, 'w').write('ran')\n")
+    with pytest.raises(UnsafeModelError, match="changed model_code.py"):
+        load_detector(champion)
+    assert not marker.exists(), "the tampered code ran before the check"
+    assert predict.main(predict_args(champion, "--trust-model-code")) == 0
+    assert marker.read_text() == "ran", "--trust-model-code loads whatever code the store holds"
+
+    # No recorded hash: refused, saying how to pin one or trust it.
+    client.delete_model_version_tag("fpn-trust", "1", CODE_SHA256_TAG)
+    with pytest.raises(
+        UnsafeModelError,
+        match=r"no code hash is recorded for it \(no tag code_sha256 on model version fpn-trust/1\)",
+    ):
+        load_detector(champion)

@@ -1,10 +1,12 @@
-"""`python -m stages.train`: bad params fail before any work; `ray job submit` on a real local cluster,
-stopped mid-run and submitted again (resumes).
+"""`python -m stages.train`: bad params fail before any work; a second live run of the same name is
+refused; a run that dies is FAILED in MLflow; `ray job submit` on a real local cluster, stopped
+mid-run and submitted again (resumes).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -14,7 +16,11 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from pipeline.config import load_params
+from pipeline.dataset import read_data_hash
 from pipeline.model_file import load_model_file
+from pipeline.train.run_lock import hold_run_lock
+from pipeline.train.stage import run_name
 from tests.ray_cluster import LocalRayCluster, ray_cluster, registered_checkpoint  # noqa: F401 (fixture)
 from tests.train_samples import tiny_data, tiny_params, write_params
 
@@ -148,3 +154,48 @@ def test_ray_job_submit_killed_and_submitted_again_resumes(
     # The model file as a plain artifact; no MLflow model (stage evaluate logs the run's one pyfunc).
     assert [a.path for a in client.list_artifacts(run.info.run_id, "model_file")] == ["model_file/model.pt"]
     assert client.search_logged_models(experiment_ids=[run.info.experiment_id]) == []
+
+
+def stage_env(uri: str) -> dict[str, str]:
+    """The environment of a stage subprocess run outside the checkout: this checkout's code (not the
+    one the virtualenv has installed in editable mode), and the MLflow store ``uri``."""
+    return {**os.environ, "PYTHONPATH": str(REPO_ROOT), "MLFLOW_TRACKING_URI": uri}
+
+
+def test_a_second_live_run_of_the_same_name_is_refused(data: Path, tmp_path: Path) -> None:
+    params = write_params(tmp_path / "params.yaml", tiny_params())
+    name = run_name(load_params(params), read_data_hash(data))
+    with hold_run_lock(str(tmp_path / "runs"), name) as lock:  # another driver training this run
+        result = subprocess.run(
+            [sys.executable, "-m", "stages.train", *stage_args(params, data, tmp_path), "--no-ray"],
+            capture_output=True, text=True, timeout=300, cwd=tmp_path,
+            env=stage_env(f"sqlite:///{tmp_path}/mlflow.db"),
+        )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"run {name} is already training: its lock {lock} is held by pid {os.getpid()}" in result.stderr
+    assert not (tmp_path / "models").exists() and not (tmp_path / "runs" / f"{name}-local").exists()
+
+
+def test_a_run_that_dies_is_marked_failed_in_mlflow(data: Path, tmp_path: Path) -> None:
+    params = write_params(tmp_path / "params.yaml", tiny_params(iterations=2, checkpoint_every=2))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = stage_args(params, data, tmp_path)
+    blocker = tmp_path / "models" / "model.pt"  # a folder where the model file goes: writing it fails
+    (blocker / "keep").mkdir(parents=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.train", *args, "--no-ray"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=stage_env(uri),
+    )  # fmt: skip
+    assert result.returncode != 0 and "IsADirectoryError" in result.stderr, result.stderr[-2000:]
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [run.info.status for run in runs] == ["FAILED"], [(r.info.run_name, r.info.status) for r in runs]
+    assert "IsADirectoryError" in runs[0].data.tags["error"]
+    # The lock died with its holder: the same run starts again at once (and now finishes).
+    blocker.joinpath("keep").rmdir()
+    blocker.rmdir()
+    again = subprocess.run(
+        [sys.executable, "-m", "stages.train", *args, "--no-ray"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=stage_env(uri),
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
