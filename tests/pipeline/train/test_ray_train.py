@@ -178,4 +178,6 @@ def test_rank0_scores_on_its_worker_and_rank1_reports_nan(
         assert set(VALIDATION_METRICS) <= set(rank0) and set(VALIDATION_METRICS) <= set(rank1)
         assert 0.0 <= rank0["val_ap50"] <= 1.0 and math.isfinite(rank0["train_loss"])
         assert all(math.isnan(rank1[k]) for k in VALIDATION_METRICS), "scored once, by rank 0"
-    assert "[train] validation iter 4: " in done.stdout + done.stderr, "rank 0's line reaches the driver"
+    # Rank 0's lines reach the driver (the first at least: Ray forwards a worker's output
+    # asynchronously, so the last may arrive after the driver has exited).
+    assert "[train] validation iter 2: " in done.stdout + done.stderr, "rank 0's line reaches the driver"
