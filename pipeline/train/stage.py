@@ -122,6 +122,9 @@ def train(
         cluster.check_tracking_reachable(uri, cluster.node_count(), where)
         check_fits(params, cluster.resources(), where)
         job = dataclasses.replace(job, init_weights_file=resolve_init_weights(params))
+        cluster.check_nodes(
+            data_root, params.data.train_split, storage, uri, job.init_weights_file, where=where
+        )
         log.info("training run %s (storage %s) on %s", name, storage, where)
         state = ray_train.fit(job, storage)
     else:
