@@ -14,6 +14,10 @@
 * `check_fits()` compares ``runs`` training runs of ``train.num_workers`` workers with what a
   cluster (or this machine) has, so a request that can never schedule fails with the key to
   change instead of Ray waiting forever.
+* `check_nodes()` checks from every node of a multi-node cluster, with one small task each,
+  that the data, the storage path, the starting weights and the tracking server are there, so
+  a path only the driver's machine has fails at start naming the node, not minutes later in a
+  rank's traceback.
 
 Ray is imported inside these functions: importing it costs about a second and pulls in much,
 and stages that never use Ray (fetch, ``--no-ray`` runs) should not pay for it.
@@ -25,8 +29,15 @@ import contextlib
 import logging
 import os
 import re
+import secrets
 import socket
-from collections.abc import Iterator, Mapping
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 
@@ -209,6 +220,183 @@ def check_fits(
             f"{many or key}{t.num_workers} workers x {t.cpus_per_worker:g} CPUs = {needed:g} CPUs, "
             f"but {where} has {cpus:g}; lower train.cpus_per_worker or train.num_workers"
         )
+
+
+DATA_HINT = "the data must be on storage every node sees at the same path: NFS"
+STORAGE_HINT = "the storage path must be storage every node sees at the same path: NFS, or s3://"
+WEIGHTS_HINT = "train.init_weights must be a file every node sees at the same path: NFS"
+TRACKING_HINT = "every node must reach the tracking server at that address"
+LOOPBACK_HINT = "on each node that names the node itself: give the tracking server's private IP"
+
+
+@dataclass(frozen=True)
+class NodeChecks:
+    """What `probe_node` checks on one node (paths as the driver names them)."""
+
+    files: tuple[tuple[str, str], ...]  # (path, hint): each must be readable
+    storage: str | None  # a local storage folder: `probe` must be visible in it, and it writable
+    probe: str | None  # the file the driver wrote into `storage`
+    tracking_uri: str | None  # an http(s) MLflow URI whose /health must answer
+    timeout_s: float = 5.0  # for each check
+
+
+def probe_node(checks: NodeChecks) -> list[str]:
+    """Run ``checks`` where this process runs (a Ray task on the node); one line per problem, [] if none."""
+    problems: list[str] = []
+    for path, hint in checks.files:
+        failed = _within(checks.timeout_s, lambda p=path: _read_a_byte(p))
+        if failed:
+            problems.append(f"cannot read {path}: {failed} ({hint})")
+    if checks.storage and checks.probe:
+        probe = checks.probe
+        if _within(checks.timeout_s, lambda: None if os.path.exists(probe) else "absent") is not None:
+            problems.append(
+                f"cannot see {probe}, which the driver wrote into the storage path ({STORAGE_HINT})"
+            )
+        else:
+            mine = f"{probe}-{secrets.token_hex(4)}"  # this node's own file: written, then removed
+            failed = _within(checks.timeout_s, lambda: _write_and_remove(mine))
+            if failed:
+                problems.append(f"cannot write to {checks.storage}: {failed} ({STORAGE_HINT})")
+    if checks.tracking_uri:
+        uri = checks.tracking_uri
+        failed = _within(checks.timeout_s, lambda: _health(uri, checks.timeout_s))
+        if failed:
+            host = urllib.parse.urlsplit(uri).hostname or ""
+            hint = (
+                LOOPBACK_HINT
+                if host == "localhost" or host.startswith("127.") or host == "::1"
+                else TRACKING_HINT
+            )
+            problems.append(f"cannot reach the MLflow tracking server {uri}: {failed} ({hint})")
+    return problems
+
+
+def nodes_message(where: str, nodes: int, failures: Sequence[tuple[str, Sequence[str]]]) -> str:
+    """One line for `ConfigError`: each failing node's IP and each thing it could not reach."""
+    lines = "; ".join(f"node {ip}: {problem}" for ip, problems in failures for problem in problems)
+    return f"not every node of {where} reaches what the run needs (checked from each of its {nodes} nodes): {lines}"
+
+
+def check_nodes(
+    data_root: str | Path,
+    split: str,
+    storage: str,
+    tracking_uri: str,
+    init_weights: str | None = None,
+    *,
+    where: str = "the Ray cluster",
+    timeout_s: float = 5.0,
+    answer_timeout_s: float = 60.0,
+) -> None:
+    """From every alive node, what a run reads and writes must be reachable, else one `ConfigError`.
+
+    One task per node (``num_cpus=0``, pinned with a hard node affinity, so it runs even when
+    training workers hold every CPU) runs `probe_node`: the data's ``categories.json`` and
+    ``<split>/index.json`` readable, ``init_weights`` (a local file, when given) readable, a
+    local ``storage`` folder shared (it sees a probe file the driver writes there first, removed
+    afterwards with any folder made for it) and writable, an http(s) ``tracking_uri`` answering
+    ``/health``: each within ``timeout_s``; a node that does not answer in ``answer_timeout_s``
+    is reported too. On one node nothing is checked: the driver has read the data already.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    if len(nodes) < 2:
+        return
+    root = Path(data_root)
+    files = [(str(root / "categories.json"), DATA_HINT), (str(root / split / "index.json"), DATA_HINT)]
+    if init_weights and "://" not in init_weights:
+        files.append((init_weights, WEIGHTS_HINT))
+    web = tracking_uri if tracking_uri.startswith(("http://", "https://")) else None
+    task = ray.remote(num_cpus=0, max_retries=0)(probe_node)
+    failures: list[tuple[str, Sequence[str]]] = []
+    with _storage_probe(storage) as probe:
+        checks = NodeChecks(tuple(files), storage if probe else None, probe, web, timeout_s)
+        refs = {
+            task.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+            ).remote(checks): node["NodeManagerAddress"]
+            for node in nodes
+        }
+        ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=answer_timeout_s)
+        for ref in ready:
+            try:
+                problems = ray.get(ref)
+            except ray.exceptions.RayError as err:
+                problems = [f"the check task failed ({type(err).__name__}: {str(err).splitlines()[0]})"]
+            if problems:
+                failures.append((refs[ref], problems))
+        for ref in pending:
+            ray.cancel(ref, force=True)
+            failures.append((refs[ref], [f"did not answer the checks in {answer_timeout_s:g} s"]))
+    if failures:
+        raise ConfigError(nodes_message(where, len(nodes), sorted(failures)))
+
+
+@contextlib.contextmanager
+def _storage_probe(storage: str) -> Iterator[str | None]:
+    """A file with a random name in a local ``storage`` folder for the nodes to look for (None for URIs)."""
+    if "://" in storage:
+        yield None
+        return
+    folder = Path(storage)
+    made = [p for p in (folder, *folder.parents) if not p.exists()]
+    probe = folder / f".preflight-{secrets.token_hex(8)}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+    except OSError as err:
+        raise ConfigError(
+            f"storage path {storage}: cannot write there from the driver ({err.strerror or err})"
+        ) from None
+    try:
+        yield str(probe)
+    finally:
+        probe.unlink(missing_ok=True)
+        for path in made:  # innermost first; left where a node wrote something after all
+            try:
+                path.rmdir()
+            except OSError:
+                break
+
+
+def _within(timeout_s: float, check: Callable[[], object]) -> str | None:
+    """Run ``check`` in a thread (a hung NFS mount must not hang the task); its error, or None when it passed."""
+    outcome: list[str | None] = []
+
+    def run() -> None:
+        try:
+            result = check()
+            outcome.append(result if isinstance(result, str) else None)
+        except OSError as err:
+            outcome.append(str(getattr(err, "reason", None) or err.strerror or err))
+        except Exception as err:  # noqa: BLE001 (reported as the node's problem)
+            outcome.append(f"{type(err).__name__}: {err}")
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return outcome[0] if outcome else f"no answer in {timeout_s:g} s"
+
+
+def _read_a_byte(path: str) -> None:
+    with open(path, "rb") as file:
+        file.read(1)
+
+
+def _write_and_remove(path: str) -> None:
+    Path(path).write_bytes(b"")
+    os.unlink(path)
+
+
+def _health(uri: str, timeout_s: float) -> str | None:
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
+            return None if response.status == 200 else f"/health answered HTTP {response.status}"
+    except urllib.error.HTTPError as err:
+        return f"/health answered HTTP {err.code}"
 
 
 def _free_port() -> int:

@@ -156,6 +156,14 @@ def _fit(job: TrainJob, storage: str, *, use_ray: bool) -> dict[str, Any]:
             cluster.check_tracking_reachable(job.tracking_uri, cluster.node_count(), where)
         check_fits(params, cluster.resources(), where)
         job = dataclasses.replace(job, init_weights_file=resolve_init_weights(params))
+        cluster.check_nodes(
+            job.data_root,
+            params.data.train_split,
+            storage,
+            job.tracking_uri or "",
+            job.init_weights_file,
+            where=where,
+        )
         log.info("training run %s (storage %s) on %s", name, storage, where)
         return ray_train.fit(job, storage)
     if params.train.num_workers != 1:
