@@ -42,7 +42,7 @@ import torch
 from fpn import build_detector
 from pipeline import cluster
 from pipeline.cluster import check_fits
-from pipeline.config import Params
+from pipeline.config import ConfigError, Params
 from pipeline.dataset import DatasetError, read_categories, read_data_hash
 from pipeline.io import atomic_write_text
 from pipeline.model_file import save_model_file
@@ -136,6 +136,8 @@ def train(
             metrics = write_outputs(
                 params, job, state, categories, outputs, wall_time_s=time.perf_counter() - started
             )
+        except ConfigError:  # refused by a check before training: no MLflow run was opened
+            raise
         except BaseException as err:
             fail_running_runs(uri, params.train.experiment, driver, f"{type(err).__name__}: {err}")
             raise

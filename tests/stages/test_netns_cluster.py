@@ -70,7 +70,9 @@ def run_train(cluster: NetnsRayCluster, root: Path, data: Path, tracking_uri: st
     print(
         f"stages.train on the netns cluster: exit {done.returncode} in {time.perf_counter() - started:.1f} s"
     )
-    assert not out.exists(), "nothing written, not even the storage probe's folder"
+    written = [p.relative_to(out) for p in out.rglob("*") if p.is_file()] if out.exists() else []
+    # Only the run's lock (held from before Ray starts, `pipeline.train.run_lock`); no output, no probe.
+    assert all(p.parent == Path("runs") and p.suffix == ".lock" for p in written), written
     return done.returncode, done.stderr
 
 
@@ -90,7 +92,8 @@ def test_data_only_the_driver_sees_fails_naming_the_worker_node(
     assert f"node {worker}: cannot read {data / 'train2017' / 'index.json'}" in stderr, stderr
     assert "the data must be on storage every node sees" in stderr
     assert f"node {cluster.head_ip}:" not in stderr, "the head node sees the data"
-    assert "tracking" not in stderr and "storage path" not in stderr, stderr  # reachable: not named
+    error = [line for line in stderr.splitlines() if line.startswith("stages.train: error:")]
+    assert len(error) == 1 and "tracking" not in error[0] and "storage path" not in error[0], stderr
     assert "Traceback" not in stderr
 
 
