@@ -83,7 +83,8 @@ class PreprocessConfig:
     # reported. COCO's largest is 640x640 (0.4 Mpx); 50 Mpx is ~150 MB decoded. PIL refuses
     # images over ~179 Mpx (its decompression-bomb limit) whatever this says.
     max_pixels: int = 50_000_000
-    use_ray: bool = False  # Ray tasks on the cluster at RAY_ADDRESS (a local one if unset); RAY_ADDRESS alone also does
+    # Ray tasks on the cluster at RAY_ADDRESS (a local one if unset); RAY_ADDRESS alone also does.
+    use_ray: bool = False
 
     def __post_init__(self) -> None:
         if self.workers < 0:
@@ -137,7 +138,9 @@ class TrainConfig:
                          ("max_failures", -1)):  # fmt: skip  # max_failures -1: retry forever (Ray's convention)
             if getattr(self, key) < low:
                 raise ValueError(f"{key}: must be >= {low}, got {getattr(self, key)}")
-        for key in ("cpus_per_worker", "lr") + (("grad_clip_norm",) if self.grad_clip_norm is not None else ()):
+        for key in ("cpus_per_worker", "lr") + (
+            ("grad_clip_norm",) if self.grad_clip_norm is not None else ()
+        ):
             if not getattr(self, key) > 0:
                 raise ValueError(f"{key}: must be > 0, got {getattr(self, key)}")
         if not 0.0 <= self.momentum < 1.0:
@@ -223,7 +226,8 @@ class TuneConfig:
     """
 
     num_samples: int = 8  # trials
-    max_concurrent_trials: int = 1  # trials at once (each takes train.num_workers x train.cpus_per_worker CPUs)
+    # Trials at once (each takes train.num_workers x train.cpus_per_worker CPUs).
+    max_concurrent_trials: int = 1
     iterations: int = 300  # training iterations per trial (the ASHA max_t)
     eval_every: int = 50  # iterations between checkpoints scored on the held-out images
     grace_period: int = 100  # iterations before ASHA may stop a trial
@@ -241,11 +245,24 @@ class TuneConfig:
         if self.metric not in metrics:
             raise ValueError(f"metric: must be one of {', '.join(metrics)}, got {self.metric!r}")
         if self.mode != metrics[self.metric]:
-            raise ValueError(f"mode: {self.metric} is compared with {metrics[self.metric]}, got {self.mode!r}")
+            raise ValueError(
+                f"mode: {self.metric} is compared with {metrics[self.metric]}, got {self.mode!r}"
+            )
         if self.search not in ("optuna", "random"):
             raise ValueError(f"search: must be optuna or random, got {self.search!r}")
-        if min(self.num_samples, self.max_concurrent_trials, self.iterations, self.eval_every, self.val_images) < 1:
-            raise ValueError("num_samples, max_concurrent_trials, iterations, eval_every, val_images: must be >= 1")
+        if (
+            min(
+                self.num_samples,
+                self.max_concurrent_trials,
+                self.iterations,
+                self.eval_every,
+                self.val_images,
+            )
+            < 1
+        ):
+            raise ValueError(
+                "num_samples, max_concurrent_trials, iterations, eval_every, val_images: must be >= 1"
+            )
         if not self.eval_every <= self.grace_period <= self.iterations:
             raise ValueError(
                 f"grace_period: must be in [eval_every, iterations] = [{self.eval_every}, {self.iterations}], "
@@ -343,7 +360,9 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
             return tuple(_check_type(v, item_type, f"{where}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
             raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
-        return tuple(_check_type(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+        return tuple(
+            _check_type(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
+        )
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")

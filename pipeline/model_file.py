@@ -86,4 +86,6 @@ def load_model_file(path: str | Path, map_location: str | torch.device = "cpu") 
     except (KeyError, ValueError, RuntimeError) as err:
         raise ModelFileError(f"{path}: broken FPN model file: {err}") from err
     model.to(map_location).eval()
-    return LoadedModel(model=model, config=config, categories=list(blob["categories"]), extra=dict(blob.get("extra", {})))
+    return LoadedModel(
+        model=model, config=config, categories=list(blob["categories"]), extra=dict(blob.get("extra", {}))
+    )

@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics", required=True, help="metrics JSON to write (metrics/train.json)")
     parser.add_argument("--plots", required=True, help="loss CSV to write (plots/train_loss.csv)")
     parser.add_argument(
-        "--storage-path", required=True, help="Ray Train storage: a folder every node sees, or s3://bucket/path"
+        "--storage-path",
+        required=True,
+        help="Ray Train storage: a folder every node sees, or s3://bucket/path",
     )
     parser.add_argument("--no-ray", action="store_true", help="run the loop in this process, without Ray")
     parser.add_argument("--status-dir", default=None, help="each worker writes rank<k>.json here")

@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--best-params", required=True, help="params file to write the best values to")
     parser.add_argument("--results", required=True, help="CSV to write, one row per trial")
     parser.add_argument(
-        "--storage-path", required=True, help="Ray Tune/Train storage of the trials: a shared folder or s3:// URI"
+        "--storage-path",
+        required=True,
+        help="Ray Tune/Train storage of the trials: a shared folder or s3:// URI",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

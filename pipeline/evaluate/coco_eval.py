@@ -115,7 +115,12 @@ def ground_truth_from_dict(dataset: dict[str, Any], *, where: str = "ground trut
     dataset = dict(dataset)
     annotations = []
     for i, ann in enumerate(dataset["annotations"]):
-        if not isinstance(ann, dict) or "bbox" not in ann or "image_id" not in ann or "category_id" not in ann:
+        if (
+            not isinstance(ann, dict)
+            or "bbox" not in ann
+            or "image_id" not in ann
+            or "category_id" not in ann
+        ):
             raise EvaluationError(f"{where}: annotations[{i}] lacks bbox, image_id or category_id")
         _check_entry_values(ann, f"{where}: annotations[{i}]")
         ann = dict(ann)

@@ -327,7 +327,9 @@ def _ground_truth_for(index: dict[str, Any], index_path: Path) -> tuple[Any, lis
     image_ids = [int(entry["image_id"]) for entry in index["images"]]
     unknown = sorted(set(image_ids) - set(gt.getImgIds()))
     if unknown:
-        raise EvaluationError(f"{index_path}: image id(s) {unknown[:10]} are not in {index['annotation_file']}")
+        raise EvaluationError(
+            f"{index_path}: image id(s) {unknown[:10]} are not in {index['annotation_file']}"
+        )
     return gt, image_ids
 
 
@@ -356,7 +358,9 @@ def run_evaluate(
     log to MLflow and register. MLflow failures do not raise: see ``tracking_error``."""
     model_path, data_root = Path(model_path), Path(data_root)
     metrics_path, plots_path, images_dir = Path(metrics_path), Path(plots_path), Path(images_dir)
-    check_output_folder(images_dir, "evaluate", force=force, inputs=[data_root, model_path])  # before any work
+    check_output_folder(
+        images_dir, "evaluate", force=force, inputs=[data_root, model_path]
+    )  # before any work
     cfg, split = params.evaluate, params.data.val_split
     loaded = load_model_file(model_path)
     index = read_index(data_root, split)
@@ -380,7 +384,9 @@ def run_evaluate(
     write_pr_curve(plots_path, det_eval)
     by_id = {det.image_id: det for det in run.detections}
     pictured = index["images"][: cfg.num_pictures]
-    write_pictures(images_dir, data_root / split, pictured, by_id, categories, score_thresh=cfg.draw_score_thresh)
+    write_pictures(
+        images_dir, data_root / split, pictured, by_id, categories, score_thresh=cfg.draw_score_thresh
+    )
     outcome = EvaluationOutcome(metrics=metrics)
     if not track:
         return outcome

@@ -184,7 +184,9 @@ def _open_header(data: bytes) -> Image.Image:
         return Image.open(io.BytesIO(data))
 
 
-def _header_problem(task: ImageTask, spec: ResizeSpec, width: int, height: int) -> tuple[str, str, str] | None:
+def _header_problem(
+    task: ImageTask, spec: ResizeSpec, width: int, height: int
+) -> tuple[str, str, str] | None:
     """``(kind, message, count key)`` if the header's size rules the image out, else None."""
     if width * height > spec.max_pixels:
         return (
@@ -229,7 +231,9 @@ def _encode_jpeg(image: Image.Image, size: tuple[int, int], quality: int) -> byt
     return buffer.getvalue()
 
 
-def _skipped(result: ImageResult, file: str, kind: str, message: str, count_key: str | None = None) -> ImageResult:
+def _skipped(
+    result: ImageResult, file: str, kind: str, message: str, count_key: str | None = None
+) -> ImageResult:
     """``result`` with the image skipped: one problem, ``images_skipped`` and ``count_key`` counted."""
     result.problems.append(problem(file, kind, message))
     result.counts["images_skipped"] = 1

@@ -81,4 +81,6 @@ def download_checkpoint(url: str, target: Path) -> None:
     """
     found = re.search(r"-([a-f0-9]{8,})\.", Path(urlparse(url).path).name)
     target.parent.mkdir(parents=True, exist_ok=True)
-    torch.hub.download_url_to_file(url, str(target), hash_prefix=found.group(1) if found else None, progress=True)
+    torch.hub.download_url_to_file(
+        url, str(target), hash_prefix=found.group(1) if found else None, progress=True
+    )

@@ -842,7 +842,11 @@ def train_worker(job: TrainJob, session: Session) -> dict[str, Any]:
     rank0.load_validation(job)  # before the MLflow run: a bad split fails now, not at a checkpoint
     state.mlflow_run_id = rank0.open_run(job, state.mlflow_run_id)
     dataset = DetectionDataset(
-        job.data_root, params.data.train_split, train=True, flip_prob=params.train.flip_prob, seed=params.train.seed
+        job.data_root,
+        params.data.train_split,
+        train=True,
+        flip_prob=params.train.flip_prob,
+        seed=params.train.seed,
     )
     _write_status(
         job, session, {"iteration": state.progress.iteration, "start_iteration": state.start_iteration}

@@ -111,4 +111,3 @@ def best_params_text(sweep_name: str, best: dict[str, Any], space: SearchSpace, 
         f"# Apply to params.yaml and run the pipeline:\n#   {command}\n"
     )
     return header + yaml.safe_dump(best_params_document(sample), sort_keys=False)
-

@@ -277,7 +277,9 @@ def _tuner(sweep: Sweep, storage: str, ledger: TrialLedger) -> Any:
     )
 
 
-def _check_sweep_inputs(params: Params, raw_params: dict[str, Any], data_root: Path) -> tuple[SearchSpace, str]:
+def _check_sweep_inputs(
+    params: Params, raw_params: dict[str, Any], data_root: Path
+) -> tuple[SearchSpace, str]:
     """The search space and the data hash; `ConfigError` naming the key or file first."""
     space = parse_space(params.tune.space, raw_params)
     check_train_params(params)

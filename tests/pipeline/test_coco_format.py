@@ -79,7 +79,9 @@ def test_an_annotation_without_image_or_category_id_is_refused(tmp_path: Path) -
 )
 def test_non_finite_box_numbers_are_refused(tmp_path: Path, change: dict[str, Any], where: str) -> None:
     path = write(tmp_path, coco(**change))
-    with pytest.raises(CocoFormatError, match=rf"{path}: {where} must be a finite number, got (nan|inf|-inf)"):
+    with pytest.raises(
+        CocoFormatError, match=rf"{path}: {where} must be a finite number, got (nan|inf|-inf)"
+    ):
         read_coco(path)
 
 

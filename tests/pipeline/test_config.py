@@ -87,7 +87,9 @@ def test_values_are_checked_when_read_and_an_empty_file_is_an_error(tmp_path: Pa
 def test_a_path_that_was_a_param_says_where_it_went(tmp_path: Path) -> None:
     params = tmp_path / "params.yaml"
     params.write_text("train:\n  storage_path: runs/ray\n")
-    with pytest.raises(ConfigError, match=r"train\.storage_path: a path, not a param: give it as --storage-path"):
+    with pytest.raises(
+        ConfigError, match=r"train\.storage_path: a path, not a param: give it as --storage-path"
+    ):
         load_params(params)
 
 
@@ -122,9 +124,13 @@ def _with_last(hint: typing.Any, value: float) -> typing.Any:
     return [1.0] * (0 if args[-1] is Ellipsis else len(args) - 1) + [value]
 
 
-@pytest.mark.parametrize(("section", "key", "hint"), _float_keys(), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(
+    ("section", "key", "hint"), _float_keys(), ids=lambda v: v if isinstance(v, str) else ""
+)
 @pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")], ids=["inf", "-inf", "nan"])
-def test_every_float_param_refuses_non_finite_values(section: str, key: str, hint: typing.Any, value: float) -> None:
+def test_every_float_param_refuses_non_finite_values(
+    section: str, key: str, hint: typing.Any, value: float
+) -> None:
     with pytest.raises(ConfigError, match=rf"{section}\.{key}(\[\d+\])?: expected a finite number"):
         params_from_dict({section: {key: _with_last(hint, value)}})
 
@@ -138,7 +144,9 @@ def test_yaml_inf_is_refused_when_the_file_is_read(tmp_path: Path) -> None:
 
 def test_lr_steps_must_come_before_the_last_iteration() -> None:
     assert params_from_dict({"train": {"iterations": 100, "lr_steps": [50, 99]}}).train.lr_steps == (50, 99)
-    with pytest.raises(ConfigError, match=r"train\.lr_steps: must be < train\.iterations \(100\), got \[50, 100\]"):
+    with pytest.raises(
+        ConfigError, match=r"train\.lr_steps: must be < train\.iterations \(100\), got \[50, 100\]"
+    ):
         params_from_dict({"train": {"iterations": 100, "lr_steps": [50, 100]}})
 
 

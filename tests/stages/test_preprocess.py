@@ -134,7 +134,9 @@ def test_a_killed_worker_exits_1_naming_the_images_and_the_rerun(
     out = tmp_path / "pre"
     assert main(["--params", params(tmp_path), "--coco", str(coco_mini), "--out", str(out)]) == 1
     (line,) = capsys.readouterr().err.strip().splitlines()[-1:]
-    assert line.startswith(f"stages.preprocess: error: {coco_mini / 'annotations' / 'instances_val2017.json'}: ")
+    assert line.startswith(
+        f"stages.preprocess: error: {coco_mini / 'annotations' / 'instances_val2017.json'}: "
+    )
     assert "a preprocess worker died" in line and "000000005001.jpg" in line
     assert "Rerun with preprocess.workers: 1" in line
     assert not out.exists()

@@ -238,9 +238,15 @@ GOOD_RESULT = {"image_id": 10, "category_id": 3, "bbox": [5, 5, 20, 20], "score"
         ({"score": -math.inf}, r"score: must be a finite number, got -inf"),
         ({"score": "high"}, r"score: must be a finite number, got 'high'"),
         ({"score": True}, r"score: must be a finite number, got True"),
-        ({"bbox": ["a", 5, 20, 20]}, r"bbox: must be 4 finite numbers \[x, y, w, h\], got \['a', 5, 20, 20\]"),
+        (
+            {"bbox": ["a", 5, 20, 20]},
+            r"bbox: must be 4 finite numbers \[x, y, w, h\], got \['a', 5, 20, 20\]",
+        ),
         ({"bbox": "abcd"}, r"bbox: must be 4 finite numbers \[x, y, w, h\], got 'abcd'"),
-        ({"bbox": [5, 5, math.inf, 20]}, r"bbox: must be 4 finite numbers \[x, y, w, h\], got \[5, 5, inf, 20\]"),
+        (
+            {"bbox": [5, 5, math.inf, 20]},
+            r"bbox: must be 4 finite numbers \[x, y, w, h\], got \[5, 5, inf, 20\]",
+        ),
         ({"image_id": True}, r"image_id: must be an integer, got True"),
         ({"category_id": "3"}, r"category_id: must be an integer, got '3'"),
     ],
@@ -258,11 +264,15 @@ def test_bad_result_values_are_refused_naming_the_file_index_and_key(
 def test_bad_ground_truth_boxes_and_ids_are_refused_naming_the_entry() -> None:
     gt = tiny_gt()
     gt["annotations"][2]["bbox"] = [0, 0, "wide", 100]
-    with pytest.raises(EvaluationError, match=r"ground truth: annotations\[2\]\.bbox: must be 4 finite numbers"):
+    with pytest.raises(
+        EvaluationError, match=r"ground truth: annotations\[2\]\.bbox: must be 4 finite numbers"
+    ):
         ground_truth_from_dict(gt)
     gt = tiny_gt()
     gt["annotations"][1]["image_id"] = True
-    with pytest.raises(EvaluationError, match=r"ground truth: annotations\[1\]\.image_id: must be an integer"):
+    with pytest.raises(
+        EvaluationError, match=r"ground truth: annotations\[1\]\.image_id: must be an integer"
+    ):
         ground_truth_from_dict(gt)
 
 
@@ -400,7 +410,9 @@ def test_streaming_recall_with_more_than_64_gts_and_1000_proposals() -> None:
     """70 gts on one image (two 64-bit words of gts per proposal), 1100 proposals (cut to 1000)."""
     rng = np.random.default_rng(7)
     truth = random_boxes(rng, 70, size=512, step=4)
-    anns = [{"id": i + 1, "image_id": 1, "category_id": 1, "bbox": box.tolist()} for i, box in enumerate(truth)]
+    anns = [
+        {"id": i + 1, "image_id": 1, "category_id": 1, "bbox": box.tolist()} for i, box in enumerate(truth)
+    ]
     gt = ground_truth_from_dict({"images": [{"id": 1}], "annotations": anns, "categories": [{"id": 1}]})
     boxes = np.concatenate([random_boxes(rng, 700, size=512, step=4), jittered(rng, truth, 400, step=2.0)])
     recall = assert_same_recall(gt, [(1, boxes, rng.random(len(boxes)))])

@@ -70,7 +70,9 @@ def test_scales_counts_and_empty_images(generated: Path) -> None:
     ("width", "height"),
     [(64, 64), (64, 400), (400, 64), (85, 85), (86, 86), (127, 127), (128, 128)],
 )
-def test_every_accepted_size_generates_shapes_inside_the_image(width: int, height: int, tmp_path: Path) -> None:
+def test_every_accepted_size_generates_shapes_inside_the_image(
+    width: int, height: int, tmp_path: Path
+) -> None:
     """Sides from the smallest accepted (64) up: below ~86 px the large-object band has no room."""
     cfg = DataConfig(synthetic_train_images=12, synthetic_val_images=1, synthetic_width=width,
                      synthetic_height=height)  # fmt: skip

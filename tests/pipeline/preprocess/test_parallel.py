@@ -38,7 +38,9 @@ def test_a_killed_worker_raises_worker_died_with_the_chunks_in_flight() -> None:
     with pytest.raises(WorkerDied) as raised:
         list(ordered_map(killed_on_13, chunks, 0, workers=2))
     assert [12, 13] in raised.value.chunks
-    assert all(chunk in chunks for chunk in raised.value.chunks) and len(raised.value.chunks) <= 4  # window 2 x 2
+    assert (
+        all(chunk in chunks for chunk in raised.value.chunks) and len(raised.value.chunks) <= 4
+    )  # window 2 x 2
 
 
 def test_ray_address_alone_asks_for_ray(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -283,7 +283,10 @@ def test_images_over_max_pixels_are_skipped_from_the_header(tmp_path: Path) -> N
     assert counts["images_too_large"] == 2 and counts["images_skipped"] == 2 and counts["images_written"] == 1
     assert sorted(kinds(summary)["too_large"]) == ["bomb.jpg", "forged.jpg"]
     messages = {Path(p["file"]).name: p["message"] for p in summary.problems}
-    assert "12000x12000 = 144000000 pixels, over preprocess.max_pixels (50000000), skipped" in messages["forged.jpg"]
+    assert (
+        "12000x12000 = 144000000 pixels, over preprocess.max_pixels (50000000), skipped"
+        in messages["forged.jpg"]
+    )
 
     raised = run(root, tmp_path / "raised", PreprocessConfig(workers=1, max_pixels=10**9))
     assert raised.counts["train2017"]["images_too_large"] == 1  # PIL's limit (~179 Mpx) still holds
@@ -312,7 +315,9 @@ def test_a_killed_worker_names_the_images_in_flight_and_how_to_rerun(
     with pytest.raises(PreprocessCrash) as raised:
         run(messy, tmp_path / "pre", PreprocessConfig(workers=2))
     message = str(raised.value)
-    assert message.startswith(f"{messy / 'annotations' / 'instances_train2017.json'}: a preprocess worker died")
+    assert message.startswith(
+        f"{messy / 'annotations' / 'instances_train2017.json'}: a preprocess worker died"
+    )
     assert "forged.jpg" in message and "preprocess.workers: 1" in message
     assert not (tmp_path / "pre").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
