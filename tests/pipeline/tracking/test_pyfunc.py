@@ -16,6 +16,7 @@ import torch
 from mlflow.models.model import ModelInfo
 from mlflow.tracking import fluent as fluent_state
 from mlflow.tracking._tracking_service import utils as tracking_state
+from PIL import Image
 
 from pipeline.tracking.fluent import active_run
 from pipeline.tracking.pyfunc import DetectorPyfunc, UnsafeModelError, load_detector
@@ -84,7 +85,9 @@ def test_a_pickled_model_is_refused_before_loading_naming_the_uri(
     # The command line says the same and exits 2.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     out = tmp_path / "out"
-    assert predict.main(["--model", "models:/pickled@champion", "--out", str(out), "any.jpg"]) == 2
+    image = tmp_path / "any.jpg"  # a real image: predict reads every image's header before the model
+    Image.new("RGB", (32, 24)).save(image)
+    assert predict.main(["--model", "models:/pickled@champion", "--out", str(out), str(image)]) == 2
     assert f"models:/pickled@champion: refused to load: {why}" in capsys.readouterr().err
     assert not out.exists()
 
