@@ -45,7 +45,6 @@ from typing import Any
 import torch
 
 from pipeline.dataset import DetectionDataset, read_categories
-from pipeline.evaluate.coco_eval import evaluate_detections, ground_truth_from_dict
 
 METRIC_NAMES = ("val_ap50", "val_ap")
 # What the loop adds to a checkpoint's report when validating (NaN on ranks other than 0).
@@ -110,6 +109,10 @@ class HoldoutSet:
             {"id": int(c["label"]), "name": str(c.get("name", c["label"]))}
             for c in read_categories(data_root)
         ]
+        # pycocotools is imported only when validation is on: the loop imports this module in
+        # processes that have no pycocotools (the GPU smoke script on a bare torch machine).
+        from pipeline.evaluate.coco_eval import ground_truth_from_dict
+
         gt = ground_truth_from_dict(
             {"images": gt_images, "annotations": annotations, "categories": categories},
             where=f"{Path(data_root) / split} (held-out images)",
@@ -153,6 +156,8 @@ class HoldoutSet:
                                 "score": float(score),
                             }
                         )
+        from pipeline.evaluate.coco_eval import evaluate_detections  # lazy: see `HoldoutSet.load`
+
         metrics = evaluate_detections(self.ground_truth, results, where="held-out detections").metrics
         # COCO's -1 ("no ground truth to measure") would read as a score: held-out images without
         # any box give 0.
