@@ -73,7 +73,7 @@ def test_dvc_repro_runs_every_stage_then_is_a_no_op(tmp_path: Path) -> None:
     # Every file the stages wrote is an output dvc.yaml declares. Not outputs: the MLflow store
     # and Ray's checkpoint storage (runs/), state that outlives a run by design.
     declared = _declared_outputs(repo / "dvc.yaml")
-    state = ("mlflow.db", "mlartifacts", "runs", "dvc.lock", ".dvc", ".git", ".dvcignore")
+    state = ("mlflow.db", "mlflow.db.lock", "mlartifacts", "runs", "dvc.lock", ".dvc", ".git", ".dvcignore")
     written = [
         p.relative_to(repo)
         for p in repo.rglob("*")

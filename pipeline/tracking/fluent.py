@@ -38,26 +38,40 @@ from pipeline.tracking.run import TRACKING_URI_ENV, mlflow_client
 
 
 @contextlib.contextmanager
-def active_run(uri: str, run_id: str) -> Iterator[None]:
-    """Run ``run_id`` at ``uri`` is MLflow's active run inside the block (see the module docstring)."""
-    client = mlflow_client(uri)
-    status = client.get_run(run_id).info.status
+def global_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's global tracking URI is ``uri`` inside the block, and what it was afterwards.
+
+    Also for client calls whose MLflow implementation opens a default ``MlflowClient()``
+    internally (the SQL registry store's ``create_model_version`` looks the logged model up
+    that way), so they reach ``uri`` whatever an earlier caller set globally.
+    """
     saved_env = os.environ.get(TRACKING_URI_ENV)
     saved_uri = _tracking_state._tracking_uri
-    saved_experiment = _fluent_state._active_experiment_id
     try:
         mlflow.set_tracking_uri(uri)
-        _fluent_state._active_experiment_id = None
-        # nested: a caller's own active run, if any, stays active around this block.
-        with mlflow.start_run(run_id=run_id, nested=True):
-            yield
+        yield
     finally:
-        _fluent_state._active_experiment_id = saved_experiment
         mlflow.set_tracking_uri(saved_uri)  # type: ignore[arg-type]  # None: unset again
         if saved_env is None:
             os.environ.pop(TRACKING_URI_ENV, None)
         else:
             os.environ[TRACKING_URI_ENV] = saved_env
+
+
+@contextlib.contextmanager
+def active_run(uri: str, run_id: str) -> Iterator[None]:
+    """Run ``run_id`` at ``uri`` is MLflow's active run inside the block (see the module docstring)."""
+    client = mlflow_client(uri)
+    status = client.get_run(run_id).info.status
+    saved_experiment = _fluent_state._active_experiment_id
+    try:
+        with global_tracking_uri(uri):
+            _fluent_state._active_experiment_id = None
+            # nested: a caller's own active run, if any, stays active around this block.
+            with mlflow.start_run(run_id=run_id, nested=True):
+                yield
+    finally:
+        _fluent_state._active_experiment_id = saved_experiment
         client.update_run(run_id, status=status)
 
 

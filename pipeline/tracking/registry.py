@@ -38,6 +38,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from pipeline.tracking.code_hash import CODE_SHA256_TAG
+from pipeline.tracking.fluent import global_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -210,9 +211,12 @@ def register_model(
             name,
         )
     _create_registered_model(client, name)
-    created = client.create_model_version(
-        name, source=model_uri, tags=tags, model_id=_logged_model_id(model_uri)
-    )
+    with global_tracking_uri(
+        client.tracking_uri
+    ):  # see `global_tracking_uri`: MLflow looks the model up globally
+        created = client.create_model_version(
+            name, source=model_uri, tags=tags, model_id=_logged_model_id(model_uri)
+        )
     version = client.get_model_version(name, created.version)  # with its tags
 
     decision = decide_champion(client, name, version)
