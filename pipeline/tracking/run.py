@@ -288,15 +288,6 @@ class TrackedRun:
         except Exception as err:  # noqa: BLE001
             self._failed(f"the artifact {path}", err)
 
-    def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
-        """Upload the files of ``local_dir`` into the run's folder ``artifact_path``."""
-        if not self.active:
-            return
-        try:
-            self.client.log_artifacts(self.run_id, str(local_dir), artifact_path=artifact_path)
-        except Exception as err:  # noqa: BLE001
-            self._failed(f"the artifacts in {local_dir}", err)
-
     def log_figure(self, figure: Any, artifact_file: str) -> None:
         """Save a matplotlib (or plotly) figure as the run's artifact ``artifact_file`` (e.g. ``x/y.png``)."""
         if not self.active:
