@@ -52,6 +52,7 @@ from pipeline.io import atomic_write_text
 from pipeline.tracking.run import TrackedRun, tracking_uri
 from pipeline.tracking.server import serve_sqlite
 from pipeline.train.init_weights import resolve_init_weights
+from pipeline.train.schedule import scaled_lr_steps
 from pipeline.train.stage import TrainOutputs, resolve_storage, run_name, train
 
 log = logging.getLogger(__name__)
@@ -133,13 +134,9 @@ def ablation_schedule(train_cfg: TrainConfig, iterations: int | None) -> TrainCo
     if iterations is None or iterations == train_cfg.iterations:
         return train_cfg
     factor = iterations / train_cfg.iterations
-    steps: list[int] = []
-    for step in train_cfg.lr_steps:
-        scaled = max(1, round(step * factor))
-        if scaled < iterations and (not steps or scaled > steps[-1]):
-            steps.append(scaled)
     warmup = min(max(1, round(train_cfg.warmup_iters * factor)), iterations) if train_cfg.warmup_iters else 0
-    return dataclasses.replace(train_cfg, iterations=iterations, lr_steps=tuple(steps), warmup_iters=warmup)
+    steps = scaled_lr_steps(train_cfg, iterations)
+    return dataclasses.replace(train_cfg, iterations=iterations, lr_steps=steps, warmup_iters=warmup)
 
 
 def variant_params(params: Params, pyramid: str) -> Params:

@@ -53,3 +53,16 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch
         return lr_factor(iteration, cfg)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def scaled_lr_steps(train: TrainConfig, iterations: int) -> tuple[int, ...]:
+    """``train.lr_steps`` at the same fractions of a run of ``iterations`` steps (a shorter or
+    longer run keeps the schedule's shape); steps that fall on or past the end, or onto an
+    earlier one, are dropped."""
+    factor = iterations / train.iterations
+    steps: list[int] = []
+    for step in train.lr_steps:
+        scaled = max(1, round(step * factor))
+        if scaled < iterations and (not steps or scaled > steps[-1]):
+            steps.append(scaled)
+    return tuple(steps)

@@ -38,6 +38,7 @@ import yaml
 
 from pipeline.config import ConfigError, Params, TrainConfig, params_from_dict
 from pipeline.train.preflight import check_train_params
+from pipeline.train.schedule import scaled_lr_steps
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
 TUNABLE_SECTIONS = ("train", "model")
@@ -271,12 +272,7 @@ def trial_train_overrides(train: TrainConfig, *, iterations: int, eval_every: in
     The lr steps shrink with the run (``lr_steps * iterations / train.iterations``), so a short
     trial follows the same schedule shape as the full training it stands for.
     """
-    scale = iterations / train.iterations
-    steps: list[int] = []
-    for step in train.lr_steps:
-        scaled = max(1, round(step * scale))
-        if scaled < iterations and (not steps or scaled > steps[-1]):
-            steps.append(scaled)
+    steps = list(scaled_lr_steps(train, iterations))  # a list, as params files hold it
     return {
         "iterations": iterations,
         "checkpoint_every": eval_every,
