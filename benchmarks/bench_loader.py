@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/bench_loader.py --workers 0 1 2 --images 800
 
 What is timed is a torch DataLoader in training mode (JPEG decode with torchvision.io,
-float conversion, random horizontal flip, aspect-ratio grouped batches of ``--batch-size``),
+random horizontal flip of the uint8 image, aspect-ratio grouped batches of ``--batch-size``),
 iterated until ``--images`` images came out; the first batch (worker start-up) is not
 timed. ``--workers 0`` decodes in this process. Prints the machine, then per worker count
 images/s and images/s per loader worker (workers 0 counts as one).
@@ -49,7 +49,7 @@ def images_per_second(dataset: DetectionDataset, workers: int, batch_size: int, 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
-        "--params", default="params.yaml", help="for the synthetic default: data: and model: sections"
+        "--params", default="params.yaml", help="for the synthetic default: data: and preprocess: sections"
     )
     p.add_argument("--data", type=Path, help="a preprocessed folder (default: build the synthetic default)")
     p.add_argument("--split", help="default: data.train_split of --params")
@@ -73,12 +73,12 @@ def main() -> None:
             generate_synthetic(params.data, Path(tmp) / "coco", progress=False)
             preprocess_dataset(
                 Path(tmp) / "coco", data, splits=(params.data.train_split, params.data.val_split),
-                min_size=params.model.min_size, max_size=params.model.max_size, cfg=params.preprocess, progress=False,
+                cfg=params.preprocess, progress=False,
             )  # fmt: skip
         dataset = DetectionDataset(data, split, train=True)
-        first = dataset.records[0]
+        width, height = dataset.index.widths[0], dataset.index.heights[0]
         print(f"data: {data if args.data else 'synthetic default'} {split}, {len(dataset)} images, "
-              f"first {first['width']}x{first['height']}, batch {args.batch_size}")  # fmt: skip
+              f"first {width}x{height}, batch {args.batch_size}")  # fmt: skip
         print(f"{'workers':>7} {'img/s':>8} {'img/s/worker':>13}")
         for workers in args.workers:
             rate = images_per_second(dataset, workers, args.batch_size, args.images)

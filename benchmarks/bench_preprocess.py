@@ -1,12 +1,13 @@
 """Preprocessing throughput (images/s) of stage preprocess's machinery, per worker count.
 
-    .venv/bin/python benchmarks/bench_preprocess.py        # the synthetic default, at params.yaml's model size
-    .venv/bin/python benchmarks/bench_preprocess.py --coco ../shared/data/coco-mini --min-size 800 --max-size 1333
+    .venv/bin/python benchmarks/bench_preprocess.py        # the synthetic default
+    .venv/bin/python benchmarks/bench_preprocess.py --coco ../shared/data/coco-mini
     .venv/bin/python benchmarks/bench_preprocess.py --workers 1 2 --repeat 3
 
 Without ``--coco`` the synthetic default (data section of ``--params``) is generated into a
 temporary folder first (not timed). Each run preprocesses both splits into a temporary
-folder: decode, RGB, resize, JPEG encode, index/report/manifest writing, all timed (process
+folder: one verifying decode per image, RGB JPEG conversion of the others, shard/index/report/
+manifest writing and the data hash, all timed (process
 start-up and imports are not). Prints the machine, then per worker count the best and
 median images/s over ``--repeat`` runs.
 """
@@ -32,18 +33,14 @@ from pipeline.profile.timing import machine_description
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--params", default="params.yaml", help="data: and model: sections (defaults)")
+    p.add_argument("--params", default="params.yaml", help="data: and preprocess: sections (defaults)")
     p.add_argument("--coco", type=Path, help="a COCO-layout folder (default: generate the synthetic set)")
-    p.add_argument("--min-size", type=int, help="default: model.min_size of --params")
-    p.add_argument("--max-size", type=int, help="default: model.max_size of --params")
     p.add_argument(
         "--workers", type=int, nargs="+", default=[1, available_cores()], help="process counts to time"
     )
     p.add_argument("--repeat", type=int, default=2, help="timed runs per worker count")
     args = p.parse_args()
     params = load_params(args.params)
-    min_size = args.min_size or params.model.min_size
-    max_size = args.max_size or params.model.max_size
     splits = (params.data.train_split, params.data.val_split)
     info = machine_description("cpu")
     info.update(
@@ -58,7 +55,7 @@ def main() -> None:
             coco = Path(tmp) / "coco"
             generate_synthetic(params.data, coco, progress=False)
         name = "synthetic default" if args.coco is None else str(args.coco)
-        print(f"data: {name}, splits {list(splits)}, model size {min_size}/{max_size}")
+        print(f"data: {name}, splits {list(splits)}, {params.preprocess.images_per_shard} images per shard")
         print(f"{'workers':>7} {'images':>7} {'best img/s':>11} {'median img/s':>13} {'img/s/worker':>13}")
         for workers in args.workers:
             cfg = dataclasses.replace(params.preprocess, workers=workers, use_ray=False)
@@ -69,8 +66,6 @@ def main() -> None:
                     coco,
                     Path(tmp) / "out",
                     splits=splits,
-                    min_size=min_size,
-                    max_size=max_size,
                     cfg=cfg,
                     progress=False,
                 )

@@ -670,8 +670,7 @@ def section_b(device: torch.device, sizes: Sizes, out: Report) -> None:
 # ----------------------------------------------------------------------------- C: the training loop
 
 
-def synthetic_dataset(root: Path, *, train_images: int, val_images: int, width: int, height: int,
-                      min_size: int, max_size: int) -> Path:  # fmt: skip
+def synthetic_dataset(root: Path, *, train_images: int, val_images: int, width: int, height: int) -> Path:
     """The project's synthetic COCO data through its real preprocess; returns the preprocessed root."""
     from pipeline.config import DataConfig, PreprocessConfig
     from pipeline.fetch.synthetic import generate_synthetic
@@ -690,8 +689,6 @@ def synthetic_dataset(root: Path, *, train_images: int, val_images: int, width: 
             root / "coco",
             root / "preprocessed",
             splits=(data.train_split, data.val_split),
-            min_size=min_size,
-            max_size=max_size,
             cfg=PreprocessConfig(workers=1),
             progress=False,
         )
@@ -730,12 +727,8 @@ def loop_params(device: torch.device, sizes: Sizes, **train: Any):
 def loop_dataset(root: Path, device: torch.device, sizes: Sizes) -> Path:
     """6 batches an epoch at the loop's batch size, and a few validation images."""
     if sizes.small:
-        return synthetic_dataset(
-            root, train_images=8, val_images=4, width=160, height=128, min_size=96, max_size=120
-        )
-    return synthetic_dataset(
-        root, train_images=24, val_images=8, width=320, height=256, min_size=256, max_size=320
-    )
+        return synthetic_dataset(root, train_images=8, val_images=4, width=160, height=128)
+    return synthetic_dataset(root, train_images=24, val_images=8, width=320, height=256)
 
 
 def section_c(device: torch.device, sizes: Sizes, out: Report) -> None:
@@ -1021,9 +1014,7 @@ def section_e(device: torch.device, sizes: Sizes, out: Report) -> None:
     iterations = 4
     with tempfile.TemporaryDirectory(prefix="gpu-smoke-E-") as tmp_name:
         tmp = Path(tmp_name)
-        data = synthetic_dataset(
-            tmp, train_images=8, val_images=4, width=160, height=128, min_size=96, max_size=120
-        )
+        data = synthetic_dataset(tmp, train_images=8, val_images=4, width=160, height=128)
         params = loop_params(
             device, SMALL, iterations=iterations, checkpoint_every=2, loader_workers=0, num_workers=1
         )

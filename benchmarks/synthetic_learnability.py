@@ -34,7 +34,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from pipeline.config import load_params
-from pipeline.dataset import DetectionDataset, GroupedBatchSampler, collate, read_categories
+from pipeline.dataset import DetectionDataset, GroupedBatchSampler, collate, read_categories, to_model_input
 from pipeline.fetch.synthetic import generate_synthetic
 from pipeline.preprocess.stage import preprocess_dataset
 from pipeline.profile.timing import machine_description
@@ -68,13 +68,12 @@ def evaluate(model: FasterRCNN, data: Path, split: str) -> dict[str, float]:
     with torch.no_grad():
         for i in range(0, len(dataset), 4):
             items = [dataset[j] for j in range(i, min(i + 4, len(dataset)))]
-            outputs = model([image for image, _ in items])
-            for (_, target), out, record in zip(items, outputs, dataset.records[i : i + 4], strict=True):
+            outputs = model([to_model_input(image, torch.device("cpu")) for image, _ in items])
+            for (_, target), out in zip(items, outputs, strict=True):  # boxes in original pixels
                 for (x1, y1, x2, y2), score, label in zip(
                     out["boxes"].tolist(), out["scores"].tolist(), out["labels"].tolist(), strict=True
                 ):
-                    sx, sy = record["scale_x"], record["scale_y"]
-                    box = [x1 / sx, y1 / sy, (x2 - x1) / sx, (y2 - y1) / sy]
+                    box = [x1, y1, x2 - x1, y2 - y1]
                     results.append(
                         {
                             "image_id": target["image_id"],
@@ -117,7 +116,7 @@ def main() -> None:
             generate_synthetic(params.data, Path(tmp) / "coco", progress=False)
             preprocess_dataset(
                 Path(tmp) / "coco", data, splits=(params.data.train_split, params.data.val_split),
-                min_size=params.model.min_size, max_size=params.model.max_size, cfg=params.preprocess, progress=False,
+                cfg=params.preprocess, progress=False,
             )  # fmt: skip
         dataset = DetectionDataset(data, params.data.train_split, train=True)
         model = build_model(len(read_categories(data)), params.model.min_size, params.model.max_size)
@@ -134,7 +133,8 @@ def main() -> None:
                 decay = 0.1 ** sum(step >= m for m in milestones)
                 for group in optimizer.param_groups:
                     group["lr"] = args.lr * warmup * decay
-                losses = model(images, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])
+                inputs = [to_model_input(image, torch.device("cpu")) for image in images]
+                losses = model(inputs, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])
                 loss = sum(losses.values())
                 if not torch.isfinite(loss):
                     raise SystemExit(f"step {step}: non-finite loss {losses}")

@@ -26,6 +26,7 @@ and stages that never use Ray (fetch, ``--no-ray`` runs) should not pay for it.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -240,6 +241,19 @@ class NodeChecks:
     timeout_s: float = 5.0  # for each check
 
 
+def _split_files(root: Path, split: str) -> list[Path]:
+    """``<root>/<split>``'s split.json, index.parquet and the shards split.json lists (as far as
+    this driver can read it: a node then reports what it cannot read)."""
+    from pipeline.dataset import INDEX_FILE, SPLIT_FILE  # lazy: it imports torch, this module does not
+
+    folder = root / split
+    try:
+        shards = json.loads((folder / SPLIT_FILE).read_text()).get("shards", [])
+    except (OSError, ValueError, AttributeError):
+        shards = []
+    return [folder / SPLIT_FILE, folder / INDEX_FILE, *(folder / str(name) for name in shards)]
+
+
 def probe_node(checks: NodeChecks) -> list[str]:
     """Run ``checks`` where this process runs (a Ray task on the node); one line per problem, [] if none."""
     problems: list[str] = []
@@ -293,7 +307,7 @@ def check_nodes(
 
     One task per node (``num_cpus=0``, pinned with a hard node affinity, so it runs even when
     training workers hold every CPU) runs `probe_node`: the data's ``categories.json`` and
-    ``<split>/index.json`` readable, ``init_weights`` (a local file, when given) readable, a
+    ``<split>/``'s split.json, index.parquet and shards readable, ``init_weights`` (a local file, when given) readable, a
     local ``storage`` folder shared (it sees a probe file the driver writes there first, removed
     afterwards with any folder made for it) and writable, an http(s) ``tracking_uri`` answering
     ``/health``: each within ``timeout_s``; a node that does not answer in ``answer_timeout_s``
@@ -306,7 +320,7 @@ def check_nodes(
     if len(nodes) < 2:
         return
     root = Path(data_root)
-    files = [(str(root / "categories.json"), DATA_HINT), (str(root / split / "index.json"), DATA_HINT)]
+    files = [(str(path), DATA_HINT) for path in [root / "categories.json", *_split_files(root, split)]]
     if init_weights and "://" not in init_weights:
         files.append((init_weights, WEIGHTS_HINT))
     web = tracking_uri if tracking_uri.startswith(("http://", "https://")) else None

@@ -71,14 +71,17 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """Section `preprocess:`: parallelism and output quality.
+    """Section `preprocess:`: parallelism, shard size and the quality of converted images.
 
-    The resize scale is not here: preprocessing resizes to `model.min_size`/`model.max_size`
-    so that the model and its data can never disagree.
+    There is no resize scale: images are stored at their original size and the detector's
+    transform resizes them (to `model.min_size`/`model.max_size`), so the model and its data
+    can never disagree.
     """
 
     workers: int = 0  # processes; 0 = all cores
-    jpeg_quality: int = 95
+    jpeg_quality: int = 95  # only for images converted to RGB JPEG (RGB JPEGs keep their bytes)
+    # Images per Parquet shard (~160 KB each at COCO's 640x480: 2000 is ~320 MB a shard).
+    images_per_shard: int = 2000
     # Larger images (width x height, read from the header before decoding) are skipped and
     # reported. COCO's largest is 640x640 (0.4 Mpx); 50 Mpx is ~150 MB decoded. PIL refuses
     # images over ~179 Mpx (its decompression-bomb limit) whatever this says.
@@ -93,6 +96,8 @@ class PreprocessConfig:
             raise ValueError(f"jpeg_quality: must be in 1..100, got {self.jpeg_quality}")
         if self.max_pixels < 1:
             raise ValueError(f"max_pixels: must be >= 1, got {self.max_pixels}")
+        if self.images_per_shard < 1:
+            raise ValueError(f"images_per_shard: must be >= 1, got {self.images_per_shard}")
 
 
 AMP_MODES = ("bf16", "fp16", "off")

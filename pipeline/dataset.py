@@ -1,12 +1,28 @@
-"""The preprocessed data as torch sees it: a Dataset, its collate, an aspect-ratio grouped sampler.
+"""The preprocessed data as torch sees it: the shard format, its index, a Dataset, its collate, a sampler.
 
-Reads what stage preprocess wrote (`pipeline.preprocess.stage`): ``<root>/<split>/index.json``,
-``<root>/<split>/images/<image_id>.jpg``, ``categories.json`` and ``manifest.json``. Images are
-already at the model's scale, so loading is decode + convert (+ flip in training).
+Reads what stage preprocess wrote (`pipeline.preprocess.stage`)::
+
+    <root>/<split>/shard-00000.parquet, ...  one row per image (`SHARD_SCHEMA`), row groups of
+                                             `ROW_GROUP_ROWS` images
+    <root>/<split>/index.parquet             one small row per image (`INDEX_SCHEMA`): where it is
+    <root>/<split>/split.json                {"split", "annotation_file", "shards": [names], "images": N}
+    <root>/categories.json, manifest.json
+
+A shard row is ``image_id`` (COCO's), ``file`` (its name in the COCO folder), ``image`` (the
+ORIGINAL encoded JPEG bytes; an image that was not an RGB JPEG is stored converted to one),
+``width``/``height`` of that image, ``boxes`` (flat xyxy, N*4, original pixels), ``labels``
+(N, 1..K) and ``crowd_boxes`` (flat xyxy). Images are not resized: the detector's own transform
+resizes them, and its detections come back in these (original) pixels, COCO's frame.
+
+Why Parquet: pyarrow is already here (Ray Data needs it) and ``ray.data.read_parquet`` reads it
+natively (column projection, any pyarrow filesystem, s3:// included); the index's columns load
+as numpy arrays (a few bytes per image, tens of MB at no scale we meet); and row groups give the
+torch Dataset random access to one image without reading its shard. WebDataset tars would add a
+library and read only sequentially.
 
 An item is ``(image, target)``:
 
-* ``image``: ``Tensor[3, H, W]`` float32 in 0..1, RGB;
+* ``image``: ``Tensor[3, H, W]`` uint8, RGB (`to_model_input` makes it float 0..1 on the device);
 * ``target``: ``{"boxes": float32[N, 4]`` xyxy in the image's pixels, ``"labels": int64[N]``
   in 1..K, ``"image_id": int}`` (the COCO image id). N may be 0. Crowd regions are not in
   ``boxes`` (they are ignored in training; evaluation reads them from the COCO file).
@@ -18,20 +34,58 @@ DDP ranks, and reshuffles deterministically from ``seed + epoch`` (call ``set_ep
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset, Sampler
-from torchvision.io import ImageReadMode, decode_jpeg, read_file
+from torchvision.io import ImageReadMode, decode_jpeg
+
+SPLIT_FILE = "split.json"
+INDEX_FILE = "index.parquet"
+HASH_BLOCK = 1 << 20
+ROW_GROUP_ROWS = 16  # images per row group: the unit a random read decodes from disk
+SHARD_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.int64()),
+        ("file", pa.string()),
+        ("image", pa.binary()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("boxes", pa.list_(pa.float32())),
+        ("labels", pa.list_(pa.int64())),
+        ("crowd_boxes", pa.list_(pa.float32())),
+    ]
+)
+INDEX_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.int64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("shard", pa.int32()),
+        ("row", pa.int32()),
+        ("num_boxes", pa.int32()),
+    ]
+)
+ITEM_COLUMNS = ["image_id", "image", "width", "height", "boxes", "labels"]  # what an item reads
 
 
 class DatasetError(ValueError):
     """Preprocessed data that is missing or inconsistent; the message names the file."""
+
+
+def shard_name(number: int) -> str:
+    """The file name of shard ``number`` of a split: ``shard-00000.parquet``."""
+    return f"shard-{number:05d}.parquet"
 
 
 def _read_json(path: Path) -> Any:
@@ -43,23 +97,192 @@ def _read_json(path: Path) -> Any:
         raise DatasetError(f"{path}: not valid JSON ({err})") from None
 
 
-# What every reader of an index needs of each image record (training reads boxes and labels too).
-INDEX_IMAGE_KEYS = ("image_id", "file", "scale_x", "scale_y")
+@dataclass(frozen=True, eq=False)
+class SplitIndex:
+    """A split's compact index: one entry per image in the arrays (index order), and its files.
+
+    ``shards[i]``/``rows[i]`` locate image ``i`` in ``shard_files[shards[i]]``; ``widths``/``heights``
+    are its pixels. Plain numpy arrays: about 28 bytes per image, cheap to pickle to workers.
+    """
+
+    folder: Path  # <root>/<split>
+    split: str
+    annotation_file: str  # the original COCO file: the ground truth for evaluation
+    shard_files: tuple[str, ...]  # names in ``folder``, in shard-number order
+    image_ids: np.ndarray  # (N,) int64
+    widths: np.ndarray  # (N,) int32
+    heights: np.ndarray  # (N,) int32
+    shards: np.ndarray  # (N,) int32
+    rows: np.ndarray  # (N,) int32
+    num_boxes: np.ndarray  # (N,) int32
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    @property
+    def aspect_ratios(self) -> np.ndarray:
+        """(N,) float64 width / height."""
+        return self.widths / self.heights
+
+    def shard_path(self, shard: int) -> Path:
+        return self.folder / self.shard_files[shard]
+
+    def files(self) -> list[Path]:
+        """Every file of the split, in data-hash order: the shards, the index, split.json."""
+        shards = [self.folder / name for name in self.shard_files]
+        return [*shards, self.folder / INDEX_FILE, self.folder / SPLIT_FILE]
 
 
-def read_index(root: str | Path, split: str) -> dict[str, Any]:
-    """``<root>/<split>/index.json``: ``{"split", "annotation_file", "images": [record, ...]}``."""
-    path = Path(root) / split / "index.json"
-    index = _read_json(path)
-    if not isinstance(index, dict) or not isinstance(index.get("images"), list):
-        raise DatasetError(f"{path}: expected an object with an 'images' list")
-    if "annotation_file" not in index:
-        raise DatasetError(f"{path}: missing key 'annotation_file'")
-    for i, entry in enumerate(index["images"]):
-        for key in INDEX_IMAGE_KEYS:
-            if key not in entry:
-                raise DatasetError(f"{path}: images[{i}] lacks {key!r}")
-    return index
+def read_index(root: str | Path, split: str) -> SplitIndex:
+    """``<root>/<split>``'s split.json and index.parquet as a `SplitIndex`; `DatasetError` naming the file."""
+    folder = Path(root) / split
+    meta = _read_json(folder / SPLIT_FILE)
+    if not (
+        isinstance(meta, dict)
+        and isinstance(meta.get("annotation_file"), str)
+        and isinstance(meta.get("shards"), list)
+    ):
+        raise DatasetError(f"{folder / SPLIT_FILE}: expected an object with 'annotation_file' and 'shards'")
+    path = folder / INDEX_FILE
+    try:
+        table = pq.read_table(path)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: not found (run stage preprocess first)") from None
+    except (OSError, pa.ArrowException) as err:
+        raise DatasetError(f"{path}: not a readable Parquet file ({err})") from None
+    missing = [name for name in INDEX_SCHEMA.names if name not in table.column_names]
+    if missing:
+        raise DatasetError(f"{path}: missing column(s) {missing}")
+    try:
+        table = table.select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA)
+    except pa.ArrowException as err:
+        raise DatasetError(f"{path}: a column of the wrong type ({err})") from None
+    columns = {name: table.column(name).to_numpy() for name in INDEX_SCHEMA.names}
+    shard_files = tuple(str(name) for name in meta["shards"])
+    if len(table) and (columns["shard"].min() < 0 or columns["shard"].max() >= len(shard_files)):
+        raise DatasetError(f"{path}: a shard number is outside the {len(shard_files)} shards of {SPLIT_FILE}")
+    for name in shard_files:
+        if not (folder / name).is_file():
+            raise DatasetError(f"{folder / name}: shard not found (listed in {folder / SPLIT_FILE})")
+    return SplitIndex(
+        folder=folder,
+        split=split,
+        annotation_file=meta["annotation_file"],
+        shard_files=shard_files,
+        image_ids=columns["image_id"],
+        widths=columns["width"],
+        heights=columns["height"],
+        shards=columns["shard"],
+        rows=columns["row"],
+        num_boxes=columns["num_boxes"],
+    )
+
+
+class ShardReader:
+    """Reads image rows of a split's shards by ``(shard, row)``, one row group at a time.
+
+    Each shard's `pq.ParquetFile` is opened lazily and kept; the last ``cache_groups`` row groups
+    read are kept too (sequential reading decodes each group once). Pickles without them, so a
+    DataLoader or Ray worker opens its own.
+    """
+
+    def __init__(self, index: SplitIndex, *, cache_groups: int = 4) -> None:
+        self.index = index
+        self.cache_groups = cache_groups
+        self._files: dict[int, tuple[pq.ParquetFile, np.ndarray]] = {}
+        self._groups: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"index": self.index, "cache_groups": self.cache_groups}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["index"], cache_groups=state["cache_groups"])  # type: ignore[misc]
+
+    def _open(self, shard: int) -> tuple[pq.ParquetFile, np.ndarray]:
+        if shard not in self._files:
+            path = self.index.shard_path(shard)
+            try:
+                file = pq.ParquetFile(path)
+            except (OSError, pa.ArrowException) as err:
+                raise DatasetError(f"{path}: cannot read shard ({err})") from None
+            missing = [name for name in ITEM_COLUMNS if name not in file.schema_arrow.names]
+            if missing:
+                raise DatasetError(f"{path}: missing column(s) {missing}")
+            sizes = [file.metadata.row_group(g).num_rows for g in range(file.num_row_groups)]
+            self._files[shard] = (file, np.cumsum([0, *sizes]))
+        return self._files[shard]
+
+    def row(self, shard: int, row: int) -> dict[str, Any]:
+        """Row ``row`` of shard ``shard`` as Python values (``image`` as bytes)."""
+        file, starts = self._open(shard)
+        group = int(np.searchsorted(starts, row, side="right")) - 1
+        if not 0 <= group < file.num_row_groups:
+            raise DatasetError(f"{self.index.shard_path(shard)}: has no row {row}")
+        key = (shard, group)
+        table = self._groups.get(key)
+        if table is None:
+            try:
+                table = file.read_row_group(group, columns=ITEM_COLUMNS)
+            except (OSError, pa.ArrowException) as err:
+                raise DatasetError(
+                    f"{self.index.shard_path(shard)}: cannot read row group {group} ({err})"
+                ) from None
+            self._groups[key] = table
+            if len(self._groups) > self.cache_groups:
+                self._groups.popitem(last=False)
+        else:
+            self._groups.move_to_end(key)
+        offset = row - int(starts[group])
+        return {name: table.column(name)[offset].as_py() for name in ITEM_COLUMNS}
+
+    def image(self, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Image ``i`` of the index decoded (``(3, H, W)`` uint8) and its shard row."""
+        index = self.index
+        shard, row = int(index.shards[i]), int(index.rows[i])
+        values = self.row(shard, row)
+        where = f"{index.shard_path(shard)} row {row}"
+        if values["image_id"] != int(index.image_ids[i]):
+            raise DatasetError(
+                f"{where}: image id {values['image_id']}, index says {int(index.image_ids[i])}"
+            )
+        image = decode_rgb(values["image"], where)
+        expected = (int(index.heights[i]), int(index.widths[i]))
+        if tuple(image.shape[1:]) != expected or (values["height"], values["width"]) != expected:
+            raise DatasetError(
+                f"{where}: image is {image.shape[2]}x{image.shape[1]}, index says {expected[1]}x{expected[0]}"
+            )
+        return image, values
+
+
+def decode_rgb(data: bytes, where: str) -> torch.Tensor:
+    """JPEG bytes -> ``(3, H, W)`` uint8 RGB; `DatasetError` naming ``where`` if they do not decode."""
+    try:
+        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError as err:
+        raise DatasetError(f"{where}: cannot decode the image ({err})") from None
+
+
+def to_model_input(image: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """An image as the detector takes it: moved to ``device``, then float 0..1 there.
+
+    uint8 (as the dataset gives it) is divided by 255 after the copy, so a quarter of the bytes
+    cross to the GPU; a floating image is taken as already 0..1.
+    """
+    image = image.to(device, non_blocking=True)
+    return image.float().div_(255.0) if image.dtype == torch.uint8 else image
+
+
+def files_sha256(paths: Sequence[Path]) -> str:
+    """sha256 over the bytes of ``paths``, in order, read a block at a time (shards are large).
+
+    The data hash (manifest.json) is this over every split's `SplitIndex.files` and categories.json.
+    """
+    digest = hashlib.sha256()
+    for path in paths:
+        with path.open("rb") as handle:
+            for block in iter(lambda h=handle: h.read(HASH_BLOCK), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def read_categories(root: str | Path) -> list[dict[str, Any]]:
@@ -74,7 +297,7 @@ def read_categories(root: str | Path) -> list[dict[str, Any]]:
 
 
 def read_data_hash(root: str | Path) -> str:
-    """``manifest.json``'s ``data_hash``: sha256 of the index files and categories."""
+    """``manifest.json``'s ``data_hash``: sha256 of every split's files and categories."""
     path = Path(root) / "manifest.json"
     manifest = _read_json(path)
     if not isinstance(manifest, dict) or not isinstance(manifest.get("data_hash"), str):
@@ -103,12 +326,12 @@ class DetectionDataset(Dataset):
         self.flip_prob = flip_prob
         self.seed = seed
         self.epoch = 0
-        index = read_index(root, split)
-        self.annotation_file: str = index.get("annotation_file", "")
-        self.records: list[dict[str, Any]] = index["images"]
+        self.index = read_index(root, split)
+        self.annotation_file = self.index.annotation_file
+        self.reader = ShardReader(self.index)
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.index)
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch whose flips `__getitem__` draws (DataLoader workers copy it at iterator creation)."""
@@ -119,28 +342,17 @@ class DetectionDataset(Dataset):
         return bool(np.random.default_rng((self.seed, self.epoch, i)).random() < self.flip_prob)
 
     @property
-    def aspect_ratios(self) -> list[float]:
-        """width / height of every image, in index order."""
-        return [record["aspect_ratio"] for record in self.records]
+    def aspect_ratios(self) -> np.ndarray:
+        """(N,) width / height of every image, in index order."""
+        return self.index.aspect_ratios
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        record = self.records[i]
-        path = self.root / self.split / record["file"]
-        try:
-            data = read_file(str(path))
-        except RuntimeError as err:
-            raise DatasetError(f"{path}: cannot read ({err})") from None
-        image = decode_jpeg(data, mode=ImageReadMode.RGB)  # (3, H, W) uint8
-        if image.shape[1:] != (record["height"], record["width"]):
-            raise DatasetError(
-                f"{path}: is {image.shape[2]}x{image.shape[1]}, index says {record['width']}x{record['height']}"
-            )
-        image = image.float().div_(255.0)
-        boxes = torch.tensor(record["boxes"], dtype=torch.float32).reshape(-1, 4)  # (N, 4) xyxy
-        labels = torch.tensor(record["labels"], dtype=torch.int64)
+        image, values = self.reader.image(i)
+        boxes = torch.tensor(values["boxes"], dtype=torch.float32).reshape(-1, 4)  # (N, 4) xyxy
+        labels = torch.tensor(values["labels"], dtype=torch.int64)
         if self.train and self.flip_prob > 0 and self.flips(i):
             image, boxes = hflip(image, boxes)
-        return image, {"boxes": boxes, "labels": labels, "image_id": int(record["image_id"])}
+        return image, {"boxes": boxes, "labels": labels, "image_id": int(values["image_id"])}
 
 
 def hflip(image: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

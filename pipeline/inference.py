@@ -1,14 +1,16 @@
 """Run a trained detector over images: batched, on the GPU when there is one, optionally on Ray.
 
-Coordinates: the detector returns boxes in the pixels of the image it was given. For the
-preprocessed validation split (images already resized by ``scale_x``/``scale_y`` of index.json)
-`predict_split` maps them back to the ORIGINAL image by dividing by those scales, which is what
-COCO's ground truth is in. Labels are the model's contiguous 1..K; `categories` (categories.json,
-also stored in the model file) maps label -> COCO category id and name.
+Coordinates: the detector resizes each image itself and returns boxes in the pixels of the image
+it was given. The preprocessed split stores the ORIGINAL images (`pipeline.dataset`), so
+`predict_split`'s detections are in original pixels, what COCO's ground truth is in (the COCO
+protocol: original JPEGs, resized in memory). Images travel as uint8 and become float 0..1 on
+the device (`pipeline.dataset.to_model_input`). Labels are the model's contiguous 1..K;
+`categories` (categories.json, also stored in the model file) maps label -> COCO category id and name.
 
-With ``num_workers > 0`` the split is cut into that many shards, each a Ray task (1 CPU, and 1 GPU
-when the cluster has GPUs) that loads the model file from the object store and reads its images
-from ``data_root``: on a multi-node cluster ``data_root`` must be on storage every node sees.
+With ``num_workers > 0`` the split's images are dealt into that many parts, each a Ray task (1 CPU,
+and 1 GPU when the cluster has GPUs) that loads the model file from the object store and reads its
+images' rows from the shard files (it gets the split's small index and its positions in it): on a
+multi-node cluster ``data_root`` must be on storage every node sees.
 The cluster is the one named by ``RAY_ADDRESS``, else a local one started (and stopped) here.
 """
 
@@ -67,13 +69,13 @@ class InferenceRun:
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL image (any mode: L, RGBA, ...) -> float32 Tensor[3, H, W] in 0..1."""
+    """PIL image (any mode: L, RGBA, ...) -> uint8 Tensor[3, H, W], RGB."""
     array = np.asarray(image.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
 def read_image(path: str | Path) -> torch.Tensor:
-    """Read an image file as Tensor[3, H, W] float 0..1; `InferenceError` naming it if unreadable."""
+    """Read an image file as uint8 Tensor[3, H, W]; `InferenceError` naming it if unreadable."""
     try:
         with Image.open(path) as image:
             return image_to_tensor(image)
@@ -90,8 +92,9 @@ def default_device() -> torch.device:
 def detect(
     model: torch.nn.Module, images: Sequence[torch.Tensor], device: torch.device
 ) -> tuple[list[ImageDetections], float]:
-    """One batched forward pass; returns per-image detections (input pixels, image_id -1) and its seconds."""
-    batch = [image.to(device, non_blocking=True) for image in images]
+    """One batched forward pass over uint8 (or float 0..1) images; per-image detections (input pixels,
+    image_id -1) and its seconds."""
+    batch = [dataset.to_model_input(image, device) for image in images]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
@@ -114,80 +117,72 @@ def detect(
     return detections, seconds
 
 
-def to_original_frame(det: ImageDetections, image_id: int, scale_x: float, scale_y: float) -> ImageDetections:
-    """Divide x by ``scale_x`` and y by ``scale_y`` (resized frame -> original image pixels)."""
-    scale = np.array([scale_x, scale_y, scale_x, scale_y], dtype=np.float32)
-    return ImageDetections(
-        image_id=int(image_id),
-        boxes=det.boxes / scale,
-        scores=det.scores,
-        labels=det.labels,
-        proposals=det.proposals / scale,
-        proposal_scores=det.proposal_scores,
-    )
-
-
-def _batches(entries: list[dict[str, Any]], batch_size: int) -> list[list[dict[str, Any]]]:
+def _batches(index: dataset.SplitIndex, positions: Sequence[int], batch_size: int) -> list[list[int]]:
     # Similar aspect ratios together: less padding in a batch, so less wasted compute.
-    ordered = sorted(entries, key=lambda e: (e.get("aspect_ratio", 1.0), e["image_id"]))
+    ratios = index.aspect_ratios
+    ordered = sorted(positions, key=lambda i: (ratios[i], index.image_ids[i]))
     return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
 def predict_entries(
     model: torch.nn.Module,
-    split_dir: Path,
-    entries: list[dict[str, Any]],
+    index: dataset.SplitIndex,
+    positions: Sequence[int],
     *,
     batch_size: int,
     device: torch.device,
     progress: bool = True,
 ) -> tuple[list[ImageDetections], float]:
-    """Detections (original image frame) for index entries of one split folder, and the model seconds."""
+    """Detections (original image pixels) for the images at ``positions`` of ``index``, and the model seconds."""
     model.to(device).eval()
+    reader = dataset.ShardReader(index)
     results: list[ImageDetections] = []
     model_seconds = 0.0
-    for batch in tqdm(_batches(entries, batch_size), desc="evaluate", unit="batch", disable=not progress):
-        images = [read_image(split_dir / entry["file"]) for entry in batch]
+    for batch in tqdm(
+        _batches(index, positions, batch_size), desc="evaluate", unit="batch", disable=not progress
+    ):
+        images = [reader.image(i)[0] for i in batch]
         detections, seconds = detect(model, images, device)
         model_seconds += seconds
-        for entry, det in zip(batch, detections, strict=True):
-            results.append(to_original_frame(det, entry["image_id"], entry["scale_x"], entry["scale_y"]))
+        for i, det in zip(batch, detections, strict=True):
+            det.image_id = int(index.image_ids[i])
+            results.append(det)
     return results, model_seconds
 
 
-def _predict_shard(
-    model_bytes: bytes, split_dir: str, entries: list[dict[str, Any]], batch_size: int
+def _predict_part(
+    model_bytes: bytes, index: dataset.SplitIndex, positions: list[int], batch_size: int
 ) -> tuple[list[ImageDetections], float]:
-    """Body of one Ray task: load the model file from bytes, run `predict_entries` on the shard."""
+    """Body of one Ray task: load the model file from bytes, run `predict_entries` on its positions."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.pt"
         path.write_bytes(model_bytes)
         loaded = load_model_file(path)
     return predict_entries(
-        loaded.model, Path(split_dir), entries, batch_size=batch_size, device=default_device(), progress=False
+        loaded.model, index, positions, batch_size=batch_size, device=default_device(), progress=False
     )
 
 
 def _predict_on_ray(
-    model_file: Path, split_dir: Path, entries: list[dict[str, Any]], *, batch_size: int, num_workers: int
+    model_file: Path, index: dataset.SplitIndex, positions: list[int], *, batch_size: int, num_workers: int
 ) -> tuple[list[ImageDetections], float, str]:
     import ray  # only this path needs Ray
 
     with connected(log_to_driver=False, dashboard=False):
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=2)(_predict_shard)
-        model_ref = ray.put(model_file.read_bytes())
-        shards = [entries[i::num_workers] for i in range(num_workers) if entries[i::num_workers]]
-        pending = [task.remote(model_ref, str(split_dir), shard, batch_size) for shard in shards]
+        task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=2)(_predict_part)
+        model_ref, index_ref = ray.put(model_file.read_bytes()), ray.put(index)
+        parts = [positions[i::num_workers] for i in range(num_workers) if positions[i::num_workers]]
+        pending = [task.remote(model_ref, index_ref, part, batch_size) for part in parts]
         detections: list[ImageDetections] = []
         model_seconds = 0.0
-        with tqdm(total=len(entries), desc=f"evaluate ({len(shards)} Ray workers)", unit="img") as bar:
+        with tqdm(total=len(positions), desc=f"evaluate ({len(parts)} Ray workers)", unit="img") as bar:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
-                shard_detections, seconds = ray.get(done[0])
-                detections.extend(shard_detections)
+                part_detections, seconds = ray.get(done[0])
+                detections.extend(part_detections)
                 model_seconds += seconds
-                bar.update(len(shard_detections))
+                bar.update(len(part_detections))
         return detections, model_seconds, "cuda" if gpus else "cpu"
 
 
@@ -204,22 +199,23 @@ def predict_split(
     """Detections of every image of a preprocessed split, in original image pixels, sorted by image id.
 
     ``num_workers`` 0 runs in this process (``loaded``, if given, saves loading the file again);
-    more runs that many Ray tasks over shards. ``limit`` keeps the first images of the index.
+    more runs that many Ray tasks over parts of the split. ``limit`` keeps the first images of the index.
     """
     if batch_size < 1:
         raise InferenceError(f"evaluate.batch_size must be >= 1, got {batch_size}")
-    model_file, split_dir = Path(model_file), Path(data_root) / split
-    entries = dataset.read_index(data_root, split)["images"][:limit]
+    model_file = Path(model_file)
+    index = dataset.read_index(data_root, split)
+    positions = list(range(len(index)))[:limit]
     start = time.perf_counter()
     if num_workers > 0:
         detections, model_seconds, device = _predict_on_ray(
-            model_file, split_dir, entries, batch_size=batch_size, num_workers=num_workers
+            model_file, index, positions, batch_size=batch_size, num_workers=num_workers
         )
     else:
         loaded = loaded or load_model_file(model_file)
         dev = default_device()
         detections, model_seconds = predict_entries(
-            loaded.model, split_dir, entries, batch_size=batch_size, device=dev
+            loaded.model, index, positions, batch_size=batch_size, device=dev
         )
         device = dev.type
     detections.sort(key=lambda d: d.image_id)

@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m stages.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--params", default="params.yaml", help="params file (section evaluate:)")
     parser.add_argument("--model", help="model file written by stage train")
-    parser.add_argument("--data", help="preprocessed data root (index.json per split, categories.json)")
+    parser.add_argument("--data", help="preprocessed data root (shards + index per split, categories.json)")
     parser.add_argument("--metrics", help="metrics JSON to write")
     parser.add_argument("--plots", help="precision-recall CSV to write")
     parser.add_argument("--images", help="folder for the validation pictures")

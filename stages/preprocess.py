@@ -1,24 +1,26 @@
-"""Stage preprocess: the fetched COCO folder into resized images + index files for training.
+"""Stage preprocess: the fetched COCO folder into Parquet shards of original images + an index for training.
 
 Run (dvc.yaml does this)::
 
     python -m stages.preprocess --params params.yaml --coco data/coco --out data/preprocessed
 
-Resizes every image of data.train_split and data.val_split to the model's scale
-(model.min_size / model.max_size), moves the boxes into that frame, maps COCO category ids to
-labels 1..K, and writes ``<out>/<split>/{images/,index.json}``, ``categories.json``,
-``report.json`` (problems per file, counts) and ``manifest.json`` (``data_hash``); see
-`pipeline.preprocess.stage`. Runs on every core (preprocess.workers; 0 = all). On a Ray cluster:
-set ``preprocess.use_ray: true`` or ``RAY_ADDRESS=ray://host:10001`` (images travel to the
-tasks as bytes, so nodes need the project installed but no shared filesystem). No GPU needed.
+Verifies every image of data.train_split and data.val_split (one decode), keeps its original
+JPEG bytes (converting only what is not an RGB JPEG), clips the boxes (original pixels), maps
+COCO category ids to labels 1..K, and writes ``<out>/<split>/{shard-NNNNN.parquet, index.parquet,
+split.json}`` (preprocess.images_per_shard images a shard), ``categories.json``, ``report.json``
+(problems per file, counts) and ``manifest.json`` (``data_hash``); see `pipeline.preprocess.stage`
+and, for the format, `pipeline.dataset`. Images are not resized: the model does that. Runs on
+every core (preprocess.workers; 0 = all). On a Ray cluster: set ``preprocess.use_ray: true`` or
+``RAY_ADDRESS=ray://host:10001`` (images travel to the tasks as bytes, so nodes need the project
+installed but no shared filesystem). No GPU needed.
 
 Bad images and annotations are skipped and reported (an image over preprocess.max_pixels or
 whose size differs from its annotation's width/height is one); a malformed annotation file or
 a split without a usable image exits 2 naming the file. A worker process that dies (killed
 for memory, a crash) exits 1 naming the images it may have held and how to rerun.
 
-Params read: data.{train_split, val_split}, model.{min_size, max_size, num_classes},
-preprocess.{workers, jpeg_quality, max_pixels, use_ray}.
+Params read: data.{train_split, val_split}, model.num_classes (a warning only),
+preprocess.{workers, jpeg_quality, max_pixels, images_per_shard, use_ray}.
 """
 
 from __future__ import annotations
@@ -61,8 +63,6 @@ def main(argv: list[str] | None = None) -> int:
             args.coco,
             args.out,
             splits=(params.data.train_split, params.data.val_split),
-            min_size=params.model.min_size,
-            max_size=params.model.max_size,
             cfg=params.preprocess,
             force=args.force,
         )

@@ -1,25 +1,26 @@
 """Test inputs for the evaluation tests: preprocessed splits in the layout `pipeline.dataset` reads, tiny model files.
 
-Synthetic data goes through the real preprocess machinery. `preprocess_split` is a minimal
-stand-in (resize, index.json with scales, categories.json, manifest.json) used for a few
-coco-mini images: stage preprocess converts whole annotation files, and evaluating a subset
-against the full original file also exercises COCOeval's restriction to the evaluated images.
+Synthetic data goes through the real preprocess machinery. `preprocess_split` writes a few
+coco-mini images with the real per-image and shard-writing code (not the stage: stage preprocess
+converts whole annotation files, and evaluating a subset against the full original file also
+exercises COCOeval's restriction to the evaluated images).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
 from fpn import ModelConfig, build_detector
 from pipeline.config import DataConfig, PreprocessConfig
+from pipeline.dataset import files_sha256
 from pipeline.fetch.synthetic import generate_synthetic
 from pipeline.model_file import save_model_file
+from pipeline.preprocess.prepare_image import ImageSpec, ImageTask, ObjectBox, prepare_image
+from pipeline.preprocess.shards import SplitWriter
 from pipeline.preprocess.stage import preprocess_dataset
 
 # ResNet-18-FPN small enough to run a few images in seconds on 2 shared cores. box_score_thresh 0
@@ -38,11 +39,6 @@ TINY_MODEL = {
 }
 
 
-def _resized(width: int, height: int, min_size: int, max_size: int) -> tuple[int, int]:
-    scale = min(min_size / min(width, height), max_size / max(width, height))
-    return round(width * scale), round(height * scale)
-
-
 def preprocess_split(
     annotation_file: Path,
     image_folder: Path,
@@ -50,78 +46,54 @@ def preprocess_split(
     split: str,
     *,
     image_ids: list[int] | None = None,
-    min_size: int = 128,
-    max_size: int = 160,
+    images_per_shard: int = 2,
 ) -> Path:
-    """Write ``out/<split>/{images/<id>.jpg, index.json}``, ``out/categories.json`` and
-    ``out/manifest.json`` from a COCO annotation file; returns ``out``."""
+    """Write ``out/<split>`` (shards, index, split.json), ``out/categories.json`` and ``out/manifest.json``
+    for some images of a COCO annotation file, with the real per-image and shard-writing code; returns ``out``."""
     coco = json.loads(annotation_file.read_text())
     cats = sorted(coco["categories"], key=lambda c: c["id"])
     categories = [{"label": i + 1, "id": c["id"], "name": c["name"]} for i, c in enumerate(cats)]
     label_of = {c["id"]: c["label"] for c in categories}
-    images = [img for img in coco["images"] if image_ids is None or img["id"] in image_ids]
-    split_dir = out / split
-    (split_dir / "images").mkdir(parents=True, exist_ok=True)
-    entries = []
-    for img in images:
-        width, height = _resized(img["width"], img["height"], min_size, max_size)
-        sx, sy = width / img["width"], height / img["height"]
-        with Image.open(image_folder / img["file_name"]) as original:
-            original.convert("RGB").resize((width, height), Image.BILINEAR).save(
-                split_dir / "images" / f"{img['id']}.jpg", quality=95
-            )
-        boxes, labels, crowd = [], [], []
-        for ann in coco["annotations"]:
-            if ann["image_id"] != img["id"]:
-                continue
-            x, y, w, h = ann["bbox"]
-            box = [x * sx, y * sy, (x + w) * sx, (y + h) * sy]
-            if ann.get("iscrowd", 0):
-                crowd.append(box)
-            else:
-                boxes.append(box)
-                labels.append(label_of[ann["category_id"]])
-        entries.append(
-            {
-                "image_id": img["id"],
-                "file": f"images/{img['id']}.jpg",
-                "orig_width": img["width"],
-                "orig_height": img["height"],
-                "width": width,
-                "height": height,
-                "scale_x": sx,
-                "scale_y": sy,
-                "boxes": boxes,
-                "labels": labels,
-                "crowd_boxes": crowd,
-                "aspect_ratio": width / height,
-            }
+    writer = SplitWriter(
+        out / split, split=split, annotation_file=str(annotation_file), images_per_shard=images_per_shard
+    )
+    for img in coco["images"]:
+        if image_ids is not None and img["id"] not in image_ids:
+            continue
+        objects = tuple(
+            ObjectBox(*ann["bbox"], label_of[ann["category_id"]], bool(ann.get("iscrowd", 0)))
+            for ann in coco["annotations"]
+            if ann["image_id"] == img["id"]
         )
-    index = {"split": split, "annotation_file": str(annotation_file), "images": entries}
-    (split_dir / "index.json").write_text(json.dumps(index))
+        path = image_folder / img["file_name"]
+        task = ImageTask(img["id"], str(path), path.read_bytes(), objects, (img["width"], img["height"]))
+        result = prepare_image(task, ImageSpec())
+        assert result.row is not None, result.problems
+        writer.add(result.row)
+    files = writer.close()
     (out / "categories.json").write_text(json.dumps(categories))
-    digest = hashlib.sha256((split_dir / "index.json").read_bytes() + (out / "categories.json").read_bytes())
-    (out / "manifest.json").write_text(json.dumps({"data_hash": digest.hexdigest()}))
+    data_hash = files_sha256([*files, out / "categories.json"])
+    (out / "manifest.json").write_text(json.dumps({"data_hash": data_hash}))
     return out
 
 
-def synthetic_preprocessed(tmp: Path, *, images: int = 4, seed: int = 0) -> Path:
-    """A few `pipeline.fetch.synthetic` images (COCO ids 2, 5, 9 -> labels 1..3, 200x160) through the real
-    stage-preprocess machinery at the tiny model's sizes (128..160 px); returns the data root."""
+def synthetic_preprocessed(
+    tmp: Path, *, images: int = 4, seed: int = 0, width: int = 200, height: int = 160
+) -> Path:
+    """A few `pipeline.fetch.synthetic` images (COCO ids 2, 5, 9 -> labels 1..3, ``width`` x ``height``) through
+    the real stage-preprocess machinery (the tiny model resizes them to 128..160 px itself); returns the data root."""
     cfg = DataConfig(
         seed=seed,
         synthetic_train_images=1,
         synthetic_val_images=images,
-        synthetic_width=200,
-        synthetic_height=160,
+        synthetic_width=width,
+        synthetic_height=height,
     )
     generate_synthetic(cfg, tmp / "coco", progress=False)
     preprocess_dataset(
         tmp / "coco",
         tmp / "preprocessed",
         splits=("val2017",),
-        min_size=TINY_MODEL["min_size"],
-        max_size=TINY_MODEL["max_size"],
         cfg=PreprocessConfig(workers=1),
         progress=False,
     )
@@ -129,7 +101,7 @@ def synthetic_preprocessed(tmp: Path, *, images: int = 4, seed: int = 0) -> Path
 
 
 def coco_mini_preprocessed(shared_data: Path, tmp: Path, *, images: int = 4) -> Path:
-    """The first ``images`` images of coco-mini's val2017 (real COCO, 80 categories) preprocessed to 128 px."""
+    """The first ``images`` images of coco-mini's val2017 (real COCO, 80 categories, original sizes) preprocessed."""
     root = shared_data / "coco-mini"
     annotation_file = root / "annotations" / "instances_val2017.json"
     ids = [img["id"] for img in json.loads(annotation_file.read_text())["images"][:images]]

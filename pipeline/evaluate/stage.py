@@ -26,21 +26,28 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import hashlib
 import io
 import json
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
 from pipeline.config import Params
-from pipeline.dataset import read_categories, read_data_hash, read_index
+from pipeline.dataset import (
+    INDEX_FILE,
+    ShardReader,
+    SplitIndex,
+    files_sha256,
+    read_categories,
+    read_data_hash,
+    read_index,
+)
 from pipeline.evaluate.coco_eval import (
     DetectionEvaluation,
     EvaluationError,
@@ -80,14 +87,6 @@ class EvaluationOutcome:
 def slug(name: str) -> str:
     """A category name as a metric-key part: ``traffic light`` -> ``traffic_light``."""
     return re.sub(r"[^0-9A-Za-z]+", "_", name).strip("_") or "unnamed"
-
-
-def file_sha256(*paths: Path) -> str:
-    """sha256 over the bytes of ``paths``, in order."""
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 def check_same_categories(
@@ -138,27 +137,29 @@ def write_pr_curve(path: Path, det_eval: DetectionEvaluation) -> None:
 
 def write_pictures(
     images_dir: Path,
-    split_dir: Path,
-    entries: list[dict[str, Any]],
+    index: SplitIndex,
+    positions: Sequence[int],
     detections: dict[int, ImageDetections],
     categories: list[dict[str, Any]],
     *,
     score_thresh: float,
 ) -> list[Path]:
-    """Draw detections on the (resized) validation images; the folder is replaced as a whole."""
+    """Draw detections on the validation images at ``positions`` of ``index`` (original pixels, as the
+    detections are); the folder is replaced as a whole."""
     by_label = label_to_category(categories)
+    reader = ShardReader(index)
     with atomic_directory(images_dir, stage="evaluate", force=True) as staging:  # checked by run_evaluate
-        for entry in entries:
-            det = detections[entry["image_id"]]
-            scale = np.array([entry["scale_x"], entry["scale_y"]] * 2, dtype=np.float32)
+        for i in positions:
+            image_id = int(index.image_ids[i])
+            det = detections[image_id]
             names = [
                 str(by_label.get(int(label), {"name": f"label {label}"})["name"]) for label in det.labels
             ]
-            with Image.open(split_dir / entry["file"]) as image:
-                drawn = draw_detections(
-                    image, det.boxes * scale, names, det.scores, score_thresh=score_thresh
-                )
-            drawn.save(staging / f"{entry['image_id']}.jpg", quality=90)
+            pixels = reader.image(i)[0].permute(1, 2, 0).numpy()  # (H, W, 3) uint8
+            drawn = draw_detections(
+                Image.fromarray(pixels), det.boxes, names, det.scores, score_thresh=score_thresh
+            )
+            drawn.save(staging / f"{image_id}.jpg", quality=90)
     return sorted(images_dir.glob("*.jpg"))
 
 
@@ -321,14 +322,14 @@ def publish_to_mlflow(
     run.finish("FINISHED")
 
 
-def _ground_truth_for(index: dict[str, Any], index_path: Path) -> tuple[Any, list[int]]:
+def _ground_truth_for(index: SplitIndex) -> tuple[Any, list[int]]:
     """The annotation file the index names (a pycocotools ``COCO``) and the split's image ids in it."""
-    gt = load_ground_truth(index["annotation_file"])
-    image_ids = [int(entry["image_id"]) for entry in index["images"]]
+    gt = load_ground_truth(index.annotation_file)
+    image_ids = [int(image_id) for image_id in index.image_ids]
     unknown = sorted(set(image_ids) - set(gt.getImgIds()))
     if unknown:
         raise EvaluationError(
-            f"{index_path}: image id(s) {unknown[:10]} are not in {index['annotation_file']}"
+            f"{index.folder / INDEX_FILE}: image id(s) {unknown[:10]} are not in {index.annotation_file}"
         )
     return gt, image_ids
 
@@ -367,7 +368,7 @@ def run_evaluate(
     categories = read_categories(data_root)
     data_hash = read_data_hash(data_root)
     check_same_categories(loaded.categories, categories, model=model_path, data=data_root)
-    gt, image_ids = _ground_truth_for(index, data_root / split / "index.json")
+    gt, image_ids = _ground_truth_for(index)
 
     run = predict_split(
         model_path, data_root, split, batch_size=cfg.batch_size, num_workers=cfg.num_workers, loaded=loaded
@@ -383,10 +384,8 @@ def run_evaluate(
     atomic_write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
     write_pr_curve(plots_path, det_eval)
     by_id = {det.image_id: det for det in run.detections}
-    pictured = index["images"][: cfg.num_pictures]
-    write_pictures(
-        images_dir, data_root / split, pictured, by_id, categories, score_thresh=cfg.draw_score_thresh
-    )
+    pictured = range(min(cfg.num_pictures, len(index)))
+    write_pictures(images_dir, index, pictured, by_id, categories, score_thresh=cfg.draw_score_thresh)
     outcome = EvaluationOutcome(metrics=metrics)
     if not track:
         return outcome
@@ -395,7 +394,7 @@ def run_evaluate(
             params, loaded, model_path=model_path, metrics=metrics, det_eval=det_eval,
             metrics_path=metrics_path, plots_path=plots_path, images_dir=images_dir,
             data_hash=data_hash,
-            val_data_hash=file_sha256(data_root / split / "index.json", data_root / "categories.json"),
+            val_data_hash=files_sha256([*index.files(), data_root / "categories.json"]),
             outcome=outcome,
         )  # fmt: skip
     except Exception as err:  # noqa: BLE001 - the files are written; report what MLflow did not get

@@ -1,30 +1,29 @@
-"""One image of stage preprocess: decode, make RGB, resize to the model's scale, move its boxes.
+"""One image of stage preprocess: verify it, keep its bytes (or convert it to an RGB JPEG), check its boxes.
 
-Pure functions of bytes in, bytes out (no file system access), so they run the same in this
-process, a process pool or a Ray task on another node (`pipeline.preprocess.parallel`).
+Pure functions of bytes in, a shard row out (no file system access), so they run the same in
+this process, a process pool or a Ray task on another node (`pipeline.preprocess.parallel`).
 
 Conventions:
 
-* The resize rule is the detector's (torchvision's GeneralizedRCNNTransform, the FPN paper's
-  800/1333): scale ``s = min(min_size / min(w, h), max_size / max(w, h))``; the output is
-  ``round(w * s) x round(h * s)``. ``scale_x = new_w / w`` and ``scale_y = new_h / h`` are the
-  exact per-axis factors, so a box in the resized frame maps back with ``x / scale_x``.
-* Boxes come in as COCO ``[x, y, w, h]`` in original pixels and leave as ``[x1, y1, x2, y2]`` in
-  resized pixels. They are first clipped to the image; a box with a side under
-  ``MIN_BOX_SIDE`` original pixels after clipping is degenerate and dropped.
+* Images are not resized (the detector's transform does that, as COCO's evaluation protocol
+  does in memory). An RGB JPEG is stored byte for byte, after one full decode to verify it.
+  Anything else (grayscale, CMYK, palette, 16-bit, PNG, ...) is converted to RGB and encoded as
+  JPEG at ``jpeg_quality``, counted as converted, so every stored image is what
+  ``torchvision.io.decode_jpeg`` reads as RGB. 16-bit grey (PIL modes ``I;16*``, and ``I`` as
+  some decoders give it) is scaled by 1/257 (65535 -> 255), not clipped (which made it white).
+* Boxes come in as COCO ``[x, y, w, h]`` in original pixels and leave as flat ``x1, y1, x2, y2``
+  in the same pixels. They are first clipped to the image; a box with a side under
+  ``MIN_BOX_SIDE`` pixels after clipping is degenerate and dropped.
 * Crowd regions (``iscrowd = 1``) go to ``crowd_boxes`` (ignored in training; the evaluation
   reads them from the original annotation file).
 * EXIF orientation is ignored, as COCO's annotations are in the stored pixel frame.
-* Grayscale, CMYK, palette, ... images are converted to RGB and counted as converted; 16-bit
-  grey (PIL modes ``I;16*``, and ``I`` as some decoders give it) is scaled by 1/257 (65535 ->
-  255), not clipped (which made it white).
-* An RGB JPEG already at the target size is passed through byte for byte (no re-encoding).
 * Checked from the header, before anything is decoded (PIL's ``Image.open`` reads only the
-  header): an image over ``ResizeSpec.max_pixels`` (``preprocess.max_pixels``), or over PIL's
+  header): an image over ``ImageSpec.max_pixels`` (``preprocess.max_pixels``), or over PIL's
   own decompression-bomb limit, is skipped (``too_large``); so is one whose size differs from
   the annotation file's ``width``/``height`` (``size_mismatch``): a forged or wrong header
   decodes as a flat grey picture, and the boxes would not fit it. Without ``width``/``height``
-  in the annotation file that second check cannot be made.
+  in the annotation file that second check cannot be made. A truncated or corrupt image fails
+  the decode and is skipped (``corrupt_image``).
 * Skipped images are counted in ``images_skipped`` and in their own count
   (``images_too_large``, ``size_mismatches``), and reported as problems; none raises.
 """
@@ -34,6 +33,7 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import Any
 
 import numpy as np
@@ -48,11 +48,9 @@ DECODE_ERRORS = (OSError, SyntaxError, ValueError)  # what PIL raises for trunca
 
 
 @dataclass(frozen=True)
-class ResizeSpec:
-    """The target scale (the model's ``min_size``/``max_size``), JPEG quality, and the size cap."""
+class ImageSpec:
+    """JPEG quality for converted images, and the size cap."""
 
-    min_size: int
-    max_size: int
     jpeg_quality: int = 95
     max_pixels: int = PreprocessConfig.max_pixels  # width x height; larger images are skipped
 
@@ -82,30 +80,24 @@ class ImageTask:
 
 @dataclass
 class ImageResult:
-    """What preparing an image gave: the JPEG and its index record, or ``None`` if skipped."""
+    """What preparing an image gave: its shard row (`pipeline.dataset.SHARD_SCHEMA`'s columns), or ``None`` if skipped."""
 
     image_id: int
-    jpeg: bytes | None
-    record: dict[str, Any] | None
+    row: dict[str, Any] | None
     problems: list[dict[str, str]] = field(default_factory=list)  # {"file", "kind", "message"}
-    counts: dict[str, int] = field(default_factory=dict)  # converted, boxes, crowd_boxes, boxes_clipped, ...
+    counts: dict[str, int] = field(
+        default_factory=dict
+    )  # images_converted, boxes, crowd_boxes, boxes_clipped, ...
 
 
-def resized_size(width: int, height: int, min_size: int, max_size: int) -> tuple[int, int]:
-    """``(new_w, new_h)``: shorter side ``min_size`` unless the longer would pass ``max_size``."""
-    scale = min(min_size / min(width, height), max_size / max(width, height))
-    return max(1, round(width * scale)), max(1, round(height * scale))
-
-
-def prepare_chunk(tasks: list[ImageTask], spec: ResizeSpec) -> list[ImageResult]:
+def prepare_chunk(tasks: list[ImageTask], spec: ImageSpec) -> list[ImageResult]:
     """`prepare_image` over a list (the unit of work sent to a worker)."""
     return [prepare_image(task, spec) for task in tasks]
 
 
-def prepare_image(task: ImageTask, spec: ResizeSpec) -> ImageResult:
-    """Decode, convert to RGB, resize and re-encode one image; move its boxes to the new frame."""
-    result = ImageResult(task.image_id, None, None)
-    counts = result.counts
+def prepare_image(task: ImageTask, spec: ImageSpec) -> ImageResult:
+    """Verify one image (header checks, one full decode), make it an RGB JPEG if it is not, clip its boxes."""
+    result = ImageResult(task.image_id, None)
     try:
         image = _open_header(task.data)
     except Image.DecompressionBombError as err:
@@ -116,61 +108,59 @@ def prepare_image(task: ImageTask, spec: ResizeSpec) -> ImageResult:
     refused = _header_problem(task, spec, width, height)
     if refused is not None:
         return _skipped(result, task.file, *refused)
-    new_w, new_h = resized_size(width, height, spec.min_size, spec.max_size)
     mode, source_format = image.mode, image.format
     try:
-        image = _decode_rgb(image, new_w, new_h)
+        image.load()  # the one full decode: raises on truncated or corrupt data
     except DECODE_ERRORS as err:
         return _skipped(result, task.file, "corrupt_image", f"cannot decode, skipped ({err})")
-    if mode != "RGB":
-        counts["images_converted"] = 1
-        scaled = " (16-bit scaled to 8-bit)" if mode in SIXTEEN_BIT_MODES else ""
-        result.problems.append(problem(task.file, "converted", f"mode {mode} converted to RGB{scaled}"))
-    if (width, height) == (new_w, new_h) and mode == "RGB" and source_format == "JPEG":
-        jpeg = task.data  # already at scale: keep the original bytes (no second JPEG loss)
+    if mode == "RGB" and source_format == "JPEG":
+        data = task.data  # the original bytes: no second JPEG loss
     else:
-        jpeg = _encode_jpeg(image, (new_w, new_h), spec.jpeg_quality)
-    scale_x, scale_y = new_w / width, new_h / height
+        data = _encode_jpeg(to_rgb(image), spec.jpeg_quality)
+        result.counts["images_converted"] = 1
+        scaled = " (16-bit scaled to 8-bit)" if mode in SIXTEEN_BIT_MODES else ""
+        result.problems.append(
+            problem(task.file, "converted", f"{source_format} mode {mode} converted to an RGB JPEG{scaled}")
+        )
+    boxes, labels, crowd = _clipped_boxes(task, width, height, result)
+    result.counts.update(boxes=len(labels), crowd_boxes=len(crowd) // 4, images_written=1)
+    result.row = {
+        "image_id": task.image_id,
+        "file": PurePath(task.file).name,
+        "image": data,
+        "width": width,
+        "height": height,
+        "boxes": boxes,
+        "labels": labels,
+        "crowd_boxes": crowd,
+    }
+    return result
 
-    boxes: list[list[float]] = []
+
+def _clipped_boxes(
+    task: ImageTask, width: int, height: int, result: ImageResult
+) -> tuple[list[float], list[int], list[float]]:
+    """Flat xyxy boxes, their labels and flat xyxy crowd boxes, clipped to the image (degenerate ones dropped)."""
+    boxes: list[float] = []
     labels: list[int] = []
-    crowd: list[list[float]] = []
+    crowd: list[float] = []
     for obj in task.objects:
         x1, y1 = max(obj.x, 0.0), max(obj.y, 0.0)
         x2, y2 = min(obj.x + obj.w, float(width)), min(obj.y + obj.h, float(height))
         if (x1, y1, x2, y2) != (obj.x, obj.y, obj.x + obj.w, obj.y + obj.h):
-            _count(counts, "boxes_clipped")
+            _count(result.counts, "boxes_clipped")
         if x2 - x1 < MIN_BOX_SIDE or y2 - y1 < MIN_BOX_SIDE:
-            _count(counts, "boxes_dropped")
+            _count(result.counts, "boxes_dropped")
             result.problems.append(
                 problem(task.file, "degenerate_box", f"box {[obj.x, obj.y, obj.w, obj.h]} (xywh) dropped")
             )
             continue
-        resized = [_r(x1 * scale_x), _r(y1 * scale_y), _r(x2 * scale_x), _r(y2 * scale_y)]
         if obj.iscrowd:
-            crowd.append(resized)
+            crowd.extend((x1, y1, x2, y2))
         else:
-            boxes.append(resized)
+            boxes.extend((x1, y1, x2, y2))
             labels.append(obj.label)
-    counts["boxes"] = len(boxes)
-    counts["crowd_boxes"] = len(crowd)
-    counts["images_written"] = 1
-    result.jpeg = jpeg
-    result.record = {
-        "image_id": task.image_id,
-        "file": f"images/{task.image_id}.jpg",
-        "orig_width": width,
-        "orig_height": height,
-        "width": new_w,
-        "height": new_h,
-        "scale_x": scale_x,
-        "scale_y": scale_y,
-        "boxes": boxes,
-        "labels": labels,
-        "crowd_boxes": crowd,
-        "aspect_ratio": new_w / new_h,
-    }
-    return result
+    return boxes, labels, crowd
 
 
 def _open_header(data: bytes) -> Image.Image:
@@ -184,9 +174,7 @@ def _open_header(data: bytes) -> Image.Image:
         return Image.open(io.BytesIO(data))
 
 
-def _header_problem(
-    task: ImageTask, spec: ResizeSpec, width: int, height: int
-) -> tuple[str, str, str] | None:
+def _header_problem(task: ImageTask, spec: ImageSpec, width: int, height: int) -> tuple[str, str, str] | None:
     """``(kind, message, count key)`` if the header's size rules the image out, else None."""
     if width * height > spec.max_pixels:
         return (
@@ -205,15 +193,6 @@ def _header_problem(
     return None
 
 
-def _decode_rgb(image: Image.Image, new_w: int, new_h: int) -> Image.Image:
-    """Decode ``image`` (a JPEG at a reduced scale when it is at least twice the target) as RGB."""
-    width, height = image.size
-    if image.format == "JPEG" and (new_w * 2 <= width and new_h * 2 <= height):
-        image.draft("RGB", (new_w, new_h))  # decode at 1/2, 1/4 or 1/8 scale: much faster
-    image.load()  # raises on truncated or corrupt data
-    return to_rgb(image)
-
-
 def to_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB; 16-bit grey is scaled by 1/257 (PIL's own conversion clips it to white)."""
     if image.mode in SIXTEEN_BIT_MODES:
@@ -222,10 +201,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def _encode_jpeg(image: Image.Image, size: tuple[int, int], quality: int) -> bytes:
-    """``image`` resized (bilinear) to ``size`` and encoded as JPEG."""
-    if image.size != size:
-        image = image.resize(size, Image.BILINEAR)
+def _encode_jpeg(image: Image.Image, quality: int) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=quality)
     return buffer.getvalue()
@@ -240,10 +216,6 @@ def _skipped(
     if count_key is not None:
         result.counts[count_key] = 1
     return result
-
-
-def _r(value: float) -> float:
-    return round(value, 2)
 
 
 def _count(counts: dict[str, int], key: str) -> None:

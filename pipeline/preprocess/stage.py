@@ -1,18 +1,20 @@
-"""Stage preprocess's machinery: a COCO-layout folder into the training format of `pipeline.dataset`.
+"""Stage preprocess's machinery: a COCO-layout folder into the sharded training format of `pipeline.dataset`.
 
 Output (built in a temporary sibling of ``out``, renamed when complete)::
 
-    <out>/<split>/images/<image_id>.jpg   RGB, resized to the model's scale
-    <out>/<split>/index.json              {"split", "annotation_file", "images": [record, ...]}
-    <out>/categories.json                 [{"label": 1, "id": <COCO id>, "name": ...}, ...]
-    <out>/report.json                     counts per split, and every problem found, per file
-    <out>/manifest.json                   {"data_hash": sha256 of the index files + categories, ...}
+    <out>/<split>/shard-00000.parquet, ...  one row per image: the original JPEG bytes and boxes
+    <out>/<split>/index.parquet             image_id, width, height, shard, row, num_boxes per image
+    <out>/<split>/split.json                {"split", "annotation_file", "shards": [names], "images": N}
+    <out>/categories.json                   [{"label": 1, "id": <COCO id>, "name": ...}, ...]
+    <out>/report.json                       counts per split, and every problem found, per file
+    <out>/manifest.json                     {"data_hash": sha256 of every split's files + categories, ...}
 
-An index record (see `pipeline.preprocess.prepare_image` for the conventions) is ``{"image_id", "file",
-"orig_width", "orig_height", "width", "height", "scale_x", "scale_y", "boxes" (xyxy,
-resized frame), "labels" (1..K), "crowd_boxes", "aspect_ratio" (width / height)}``. The
-original annotation file stays the ground truth for evaluation (``annotation_file`` is its
-path as given), and ``scale_x``/``scale_y`` map predictions back to its pixel frame.
+The columns, and why Parquet, are in `pipeline.dataset`; the conventions of a row (original
+pixels, flat xyxy boxes, what is converted) in `pipeline.preprocess.prepare_image`. Images are
+not resized: the detector's transform resizes, so its detections are in the original pixels of
+the annotation file, which stays the ground truth for evaluation (``annotation_file``, its path
+as given). A split has ceil(images / ``preprocess.images_per_shard``) shards, written in image
+order by this process from the rows the workers prepare.
 
 Labels: the categories of all splits' files, sorted by COCO id, numbered 1..K (0 is the
 background).
@@ -23,7 +25,7 @@ smaller is reported and skipped: an annotation with a malformed ``bbox``, an unk
 or category (the annotation); a missing, unreadable, truncated or corrupt image, one over
 ``preprocess.max_pixels`` or whose header size differs from the annotation file's
 ``width``/``height`` (the image); a box outside the image (clipped; dropped if degenerate).
-Grayscale/CMYK/16-bit images are converted, not skipped.
+Grayscale/CMYK/16-bit/PNG images are converted to RGB JPEGs, not skipped.
 
 A worker process that dies (e.g. killed for memory) raises `PreprocessCrash`, naming the
 images it may have held and how to rerun; nothing is written.
@@ -31,7 +33,6 @@ images it may have held and how to rerun; nothing is written.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,9 +45,11 @@ from tqdm import tqdm
 from pipeline.cluster import available_cores
 from pipeline.coco_format import annotation_path, image_dir, read_coco, write_json
 from pipeline.config import PreprocessConfig
+from pipeline.dataset import SPLIT_FILE, files_sha256
 from pipeline.io import atomic_directory, check_output_folder
 from pipeline.preprocess.parallel import WorkerDied, ordered_map, use_ray_requested
-from pipeline.preprocess.prepare_image import ImageTask, ObjectBox, ResizeSpec, prepare_chunk, problem
+from pipeline.preprocess.prepare_image import ImageSpec, ImageTask, ObjectBox, prepare_chunk, problem
+from pipeline.preprocess.shards import SplitWriter
 
 MAX_LISTED_PROBLEMS = 10_000  # report.json lists at most this many; the counts stay complete
 SHOWN_IN_FLIGHT = 50  # images named when a worker dies; the dead one held one of the first chunks
@@ -80,44 +83,43 @@ def preprocess_dataset(
     out: str | Path,
     *,
     splits: tuple[str, ...],
-    min_size: int,
-    max_size: int,
     cfg: PreprocessConfig,
     force: bool = False,
     progress: bool = True,
 ) -> PreprocessSummary:
     """Write the preprocessed format for ``splits`` of ``coco_root`` into ``out`` (see the module docstring).
 
-    Reads preprocess.workers, preprocess.jpeg_quality, preprocess.max_pixels, preprocess.use_ray
-    (and RAY_ADDRESS); ``min_size``/``max_size`` are the model's.
+    Reads every key of ``cfg`` (preprocess.workers, jpeg_quality, max_pixels, images_per_shard,
+    use_ray) and RAY_ADDRESS.
     """
     coco_root = Path(coco_root)
     check_output_folder(out, "preprocess", force=force, inputs=[coco_root])  # before any work
     cocos = {split: read_coco(annotation_path(coco_root, split)) for split in splits}
     categories = contiguous_categories({annotation_path(coco_root, s): c for s, c in cocos.items()})
-    spec = ResizeSpec(min_size, max_size, cfg.jpeg_quality, cfg.max_pixels)
-    workers = cfg.workers or available_cores()
-    use_ray = use_ray_requested(cfg.use_ray)
+    run = _Run(ImageSpec(cfg.jpeg_quality, cfg.max_pixels), cfg.images_per_shard,
+               cfg.workers or available_cores(), use_ray_requested(cfg.use_ray), progress)  # fmt: skip
     counts: dict[str, dict[str, int]] = {}
     problems: list[dict[str, str]] = []
-    digest = hashlib.sha256()
+    hashed: list[Path] = []
     with atomic_directory(out, stage="preprocess", force=force, inputs=[coco_root]) as tmp:
         for split in splits:
-            index, counts[split], split_problems = _prepare_split(
-                coco_root, split, cocos[split], categories, spec, tmp, workers, use_ray, progress
+            writer = SplitWriter(
+                tmp / split, split=split, annotation_file=str(annotation_path(coco_root, split)),
+                images_per_shard=cfg.images_per_shard,
+            )  # fmt: skip
+            counts[split], split_problems = _prepare_split(
+                coco_root, split, cocos[split], categories, run, writer
             )
             problems.extend({"split": split, **p} for p in split_problems)
-            if not index["images"]:
+            if not len(writer):
                 shown = "; ".join(p["message"] for p in split_problems[:3])
                 raise PreprocessError(
                     f"{annotation_path(coco_root, split)}: no usable image in split {split!r} "
                     f"({counts[split]['images_listed']} listed, all skipped){': ' + shown if shown else ''}"
                 )
-            write_json(tmp / split / "index.json", index)
-            digest.update((tmp / split / "index.json").read_bytes())
+            hashed.extend(writer.close())
         write_json(tmp / "categories.json", categories, indent=2)
-        digest.update((tmp / "categories.json").read_bytes())
-        data_hash = digest.hexdigest()
+        data_hash = files_sha256([*hashed, tmp / "categories.json"])
         write_json(
             tmp / "report.json",
             {
@@ -132,11 +134,10 @@ def preprocess_dataset(
             {
                 "data_hash": data_hash,
                 "splits": {
-                    s: {"index": f"{s}/index.json", "images": counts[s]["images_written"]} for s in splits
+                    s: {"split": f"{s}/{SPLIT_FILE}", "images": counts[s]["images_written"]} for s in splits
                 },
                 "num_classes": len(categories),
-                "min_size": min_size,
-                "max_size": max_size,
+                "images_per_shard": cfg.images_per_shard,
                 "jpeg_quality": cfg.jpeg_quality,
                 "coco_root": str(coco_root),
             },
@@ -160,18 +161,26 @@ def contiguous_categories(cocos: dict[Path, dict[str, Any]]) -> list[dict[str, A
     return [{"label": i + 1, "id": cid, "name": by_id[cid][0]} for i, cid in enumerate(sorted(by_id))]
 
 
+@dataclass(frozen=True)
+class _Run:
+    """How a run prepares images: the per-image spec, shard size, parallelism and the progress bar."""
+
+    spec: ImageSpec
+    images_per_shard: int
+    workers: int
+    use_ray: bool
+    progress: bool
+
+
 def _prepare_split(
     coco_root: Path,
     split: str,
     coco: dict[str, Any],
     categories: list[dict[str, Any]],
-    spec: ResizeSpec,
-    out: Path,
-    workers: int,
-    use_ray: bool,
-    progress: bool,
-) -> tuple[dict[str, Any], dict[str, int], list[dict[str, str]]]:
-    """Prepare one split's images into ``out/<split>``; return its index, counts and problems."""
+    run: _Run,
+    writer: SplitWriter,
+) -> tuple[dict[str, int], list[dict[str, str]]]:
+    """Prepare one split's images into ``writer``, in order; return its counts and problems."""
     ann_file = annotation_path(coco_root, split)
     counts = dict.fromkeys(COUNT_KEYS, 0)
     counts["images_listed"] = len(coco["images"])
@@ -179,10 +188,7 @@ def _prepare_split(
     problems: list[dict[str, str]] = []
     objects = _read_objects(ann_file, coco, {c["id"]: c["label"] for c in categories}, problems)
     counts["annotations_skipped"] = len(problems)
-    images_out = out / split / "images"
-    images_out.mkdir(parents=True)
-    records: list[dict[str, Any]] = []
-    bar = tqdm(total=len(coco["images"]), desc=f"preprocess {split}", unit="img", disable=not progress)
+    bar = tqdm(total=len(coco["images"]), desc=f"preprocess {split}", unit="img", disable=not run.progress)
 
     def tasks() -> Iterator[ImageTask]:
         for image in coco["images"]:
@@ -206,23 +212,23 @@ def _prepare_split(
                 declared_size=_declared_size(image),
             )
 
-    chunk = max(1, min(16, len(coco["images"]) // (4 * workers)))
+    chunk = max(1, min(16, len(coco["images"]) // (4 * run.workers)))
+    results = ordered_map(
+        prepare_chunk, _chunks(tasks(), chunk), run.spec, workers=run.workers, use_ray=run.use_ray
+    )
     try:
         with bar:
-            for results in ordered_map(
-                prepare_chunk, _chunks(tasks(), chunk), spec, workers=workers, use_ray=use_ray
-            ):
-                for result in results:
+            for prepared in results:
+                for result in prepared:
                     problems.extend(result.problems)
                     for key, value in result.counts.items():
                         counts[key] += value
-                    if result.jpeg is not None and result.record is not None:
-                        (images_out / f"{result.image_id}.jpg").write_bytes(result.jpeg)
-                        records.append(result.record)
-                bar.update(len(results))
+                    if result.row is not None:
+                        writer.add(result.row)
+                bar.update(len(prepared))
     except WorkerDied as err:
         raise PreprocessCrash(_crash_message(ann_file, image_dir(coco_root, split), err.chunks)) from err
-    return {"split": split, "annotation_file": str(ann_file), "images": records}, counts, problems
+    return counts, problems
 
 
 def _declared_size(image: dict[str, Any]) -> tuple[int, int] | None:

@@ -62,7 +62,7 @@ from tqdm import tqdm
 
 from fpn import build_detector, load_torchvision_weights
 from pipeline.config import Params, TrainConfig
-from pipeline.dataset import DetectionDataset, GroupedBatchSampler, collate
+from pipeline.dataset import DetectionDataset, GroupedBatchSampler, collate, to_model_input
 from pipeline.io import atomic_write_json
 from pipeline.tracking.run import TrackedRun, flatten
 from pipeline.train.checkpoint import (
@@ -97,7 +97,7 @@ class TrainJob:
     """
 
     params: Params
-    data_root: str  # the preprocess output (``<split>/index.json``, ``categories.json``)
+    data_root: str  # the preprocess output (``<split>/`` shards and index, ``categories.json``)
     run_name: str
     data_hash: str
     git_commit: str
@@ -395,7 +395,7 @@ def _autocast(device: torch.device, amp: str) -> torch.autocast:
 def _to_device(
     images: list[torch.Tensor], targets: list[dict[str, Any]], device: torch.device
 ) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
-    images = [image.to(device, non_blocking=True) for image in images]
+    images = [to_model_input(image, device) for image in images]  # uint8 crosses, float 0..1 there
     targets = [
         {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
         for t in targets
@@ -428,7 +428,7 @@ def train_step(
 ) -> PendingStep:
     """One optimizer step on this rank's batch; ``state.progress`` is left to the caller.
 
-    ``images``: float ``[3, H, W]`` in [0, 1], sizes may differ; ``targets``: ``boxes`` float
+    ``images``: uint8 ``[3, H, W]`` (or float in [0, 1]), sizes may differ; ``targets``: ``boxes`` float
     ``[N, 4]`` xyxy in pixels, ``labels`` int64 ``[N]`` (`pipeline.dataset.collate`'s batch).
     Reads nothing back to the host (fp16's GradScaler aside, which reads its inf check): the
     losses are checked when `TrainState.flush` reads them (see the module docstring).

@@ -19,8 +19,9 @@ Why AP and not a loss: the training loss depends on the very settings a sweep va
 RoIs/anchors are averaged over, ``model.anchor_sizes`` what counts as a positive anchor), so
 losses of two trials are not comparable; AP on the same images is.
 
-Conventions: everything is in the preprocessed (resized) frame -- the images as the model takes
-them and the index's boxes -- so no annotation file outside the preprocess output is needed.
+Conventions: everything is in the stored images' pixels (original pixels: the model resizes
+internally and maps its boxes back) -- the shards' images and boxes -- so no annotation file
+outside the preprocess output is needed.
 Category ids are the contiguous labels 1..K. ``crowd_boxes`` carry no label in the index and are
 left out (a detection on a crowd region then counts as a false positive: a slightly pessimistic
 AP, the same for every trial).
@@ -42,9 +43,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from pipeline.dataset import DetectionDataset, read_categories
+from pipeline.dataset import DetectionDataset, read_categories, to_model_input
 
 METRIC_NAMES = ("val_ap50", "val_ap")
 # What the loop adds to a checkpoint's report when validating (NaN on ranks other than 0).
@@ -58,7 +60,7 @@ class ValidationSpec:
     ``data_root`` must be visible from rank 0's worker (shared storage on a multi-node cluster).
     """
 
-    data_root: str  # the preprocess output (``<split>/index.json``, ``categories.json``)
+    data_root: str  # the preprocess output (``<split>/`` shards and index, ``categories.json``)
     split: str  # e.g. data.val_split
     num_images: int  # the first ``num_images`` images by image id (fewer if the split has fewer)
     batch_size: int = 4  # images per forward pass
@@ -70,7 +72,7 @@ class HoldoutSet:
 
     images: list[torch.Tensor]
     image_ids: list[int]
-    ground_truth: Any  # pycocotools COCO, resized frame, category id = label
+    ground_truth: Any  # pycocotools COCO, the images' (original) pixels, category id = label
     batch_size: int = 4
 
     @classmethod
@@ -84,13 +86,12 @@ class HoldoutSet:
         dataset = DetectionDataset(data_root, split, train=False)
         if len(dataset) == 0:
             raise ValueError(f"{Path(data_root) / split}: no image to hold out for validation")
-        order = sorted(range(len(dataset)), key=lambda i: int(dataset.records[i]["image_id"]))[:num_images]
+        order = np.argsort(dataset.index.image_ids, kind="stable")[:num_images].tolist()
         images, image_ids, gt_images, annotations = [], [], [], []
         for i in order:
             image, target = dataset[i]
             image_id = int(target["image_id"])
-            # The dataset gives uint8 / 255 in float32: x * 255 rounds back to the decoded byte.
-            images.append(image.mul(255.0).round_().to(torch.uint8))
+            images.append(image)  # uint8, as decoded
             image_ids.append(image_id)
             gt_images.append({"id": image_id, "width": int(image.shape[2]), "height": int(image.shape[1])})
             for box, label in zip(target["boxes"].tolist(), target["labels"].tolist(), strict=True):
@@ -129,7 +130,7 @@ class HoldoutSet:
     def evaluate(self, model: torch.nn.Module, device: torch.device | None = None) -> dict[str, float]:
         """``{"val_ap50", "val_ap"}`` of ``model`` (moved to ``device``, put in eval mode) on these images.
 
-        The images go to ``device`` a batch at a time, as the dataset gives them (float 0..1).
+        The images go to ``device`` a batch at a time, uint8, and become float 0..1 there.
         """
         device = device or torch.device("cpu")
         model.to(device).eval()
@@ -137,8 +138,7 @@ class HoldoutSet:
         with torch.no_grad():
             for start in range(0, len(self.images), self.batch_size):
                 batch = [
-                    image.to(device, non_blocking=True).float().div_(255.0)
-                    for image in self.images[start : start + self.batch_size]
+                    to_model_input(image, device) for image in self.images[start : start + self.batch_size]
                 ]
                 outputs = model(batch)
                 for image_id, out in zip(

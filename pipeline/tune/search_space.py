@@ -44,8 +44,6 @@ DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
 TUNABLE_SECTIONS = ("train", "model")
 # Keys a sweep cannot vary, and why (the message of the error that names them).
 FIXED_KEYS: dict[str, str] = {
-    "model.min_size": "the data was resized to it by stage preprocess",
-    "model.max_size": "the data was resized to it by stage preprocess",
     "model.num_classes": "it must equal the number of categories of the data",
     "train.iterations": "each trial trains tune.iterations iterations",
     "train.checkpoint_every": "each trial checkpoints and evaluates every tune.eval_every iterations",

@@ -53,7 +53,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from pipeline import cluster
 from pipeline.cluster import check_fits
 from pipeline.config import ConfigError, Params, TuneConfig, params_from_dict
-from pipeline.dataset import read_categories, read_data_hash
+from pipeline.dataset import SPLIT_FILE, read_categories, read_data_hash
 from pipeline.io import atomic_write_text
 from pipeline.provenance import git_commit, project_root
 from pipeline.tracking.run import TrackedRun, flatten, tracking_uri
@@ -284,9 +284,9 @@ def _check_sweep_inputs(
     space = parse_space(params.tune.space, raw_params)
     check_train_params(params)
     check_num_classes(params, read_categories(data_root), f"{data_root / 'categories.json'}")
-    if not (data_root / params.data.val_split / "index.json").is_file():
+    if not (data_root / params.data.val_split / SPLIT_FILE).is_file():
         raise ConfigError(
-            f"data.val_split: {data_root / params.data.val_split / 'index.json'} not found: "
+            f"data.val_split: {data_root / params.data.val_split / SPLIT_FILE} not found: "
             "the held-out images come from the validation split"
         )
     return space, read_data_hash(data_root)

@@ -90,7 +90,7 @@ def test_probe_node_says_what_this_machine_cannot_reach(tmp_path: Path) -> None:
     checks = NodeChecks(
         files=(
             (str(tmp_path / "categories.json"), DATA_HINT),
-            (str(tmp_path / "train" / "index.json"), DATA_HINT),
+            (str(tmp_path / "train" / "split.json"), DATA_HINT),
         ),
         storage=str(storage),
         probe=str(probe),
@@ -99,7 +99,7 @@ def test_probe_node_says_what_this_machine_cannot_reach(tmp_path: Path) -> None:
     )
     problems = probe_node(checks)
     assert problems == [
-        f"cannot read {tmp_path / 'train' / 'index.json'}: No such file or directory ({DATA_HINT})",
+        f"cannot read {tmp_path / 'train' / 'split.json'}: No such file or directory ({DATA_HINT})",
         f"cannot see {probe}, which the driver wrote into the storage path ({STORAGE_HINT})",
         f"cannot reach the MLflow tracking server http://127.0.0.1:{port}: [Errno 111] Connection refused "
         f"({LOOPBACK_HINT})",
@@ -107,7 +107,7 @@ def test_probe_node_says_what_this_machine_cannot_reach(tmp_path: Path) -> None:
 
     probe.write_bytes(b"")
     (tmp_path / "train").mkdir()
-    (tmp_path / "train" / "index.json").write_text("{}")
+    (tmp_path / "train" / "split.json").write_text("{}")
     with _health_server() as uri:
         assert probe_node(dataclasses.replace(checks, tracking_uri=uri)) == []
     assert sorted(p.name for p in storage.iterdir()) == [probe.name], "the node's own write test is removed"

@@ -1,4 +1,4 @@
-"""pipeline.inference: frame and label mapping, the preprocessed-split reader, Ray shards."""
+"""pipeline.inference: label mapping, the preprocessed-split reader, detections in original pixels, Ray parts."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pipeline.dataset import DatasetError, read_index
@@ -18,7 +19,6 @@ from pipeline.inference import (
     predict_split,
     proposal_arrays,
     proposal_results,
-    to_original_frame,
 )
 from tests.detection_compare import assert_same_detections
 from tests.detection_samples import read_categories, synthetic_preprocessed, tiny_model_file
@@ -26,10 +26,10 @@ from tests.detection_samples import read_categories, synthetic_preprocessed, tin
 CATEGORIES = [{"label": 1, "id": 18, "name": "dog"}, {"label": 2, "id": 90, "name": "toothbrush"}]
 
 
-def detections(boxes: list[list[float]], labels: list[int]) -> ImageDetections:
+def detections(boxes: list[list[float]], labels: list[int], image_id: int = -1) -> ImageDetections:
     n = len(boxes)
     return ImageDetections(
-        image_id=-1,
+        image_id=image_id,
         boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
         scores=np.linspace(0.9, 0.5, n, dtype=np.float32),
         labels=np.asarray(labels, dtype=np.int64),
@@ -38,23 +38,22 @@ def detections(boxes: list[list[float]], labels: list[int]) -> ImageDetections:
     )
 
 
-def test_original_frame_and_coco_ids() -> None:
-    resized = detections([[10, 20, 30, 60]], [2])
-    original = to_original_frame(resized, 7, scale_x=0.5, scale_y=2.0)
-    assert original.image_id == 7
-    np.testing.assert_allclose(original.boxes, [[20, 10, 60, 30]])
+def test_coco_ids_and_xywh() -> None:
+    original = detections([[20, 10, 60, 30]], [2], image_id=7)
     assert coco_results([original], CATEGORIES) == [
         {"image_id": 7, "category_id": 90, "bbox": [20.0, 10.0, 40.0, 20.0], "score": 0.9}
     ]
     assert proposal_results([original]) == [{"image_id": 7, "bbox": [20.0, 10.0, 40.0, 20.0], "score": 1.0}]
-    assert coco_results([to_original_frame(detections([], []), 8, 1.0, 1.0)], CATEGORIES) == []
+    assert coco_results([detections([], [], image_id=8)], CATEGORIES) == []
 
 
 def test_proposal_arrays_are_proposal_results_image_by_image() -> None:
     boxes = [[10.004, 20.0, 30.5, 60.25], [0.0, 0.0, 1.0, 1.0], [5.0, 5.0, 5.0, 5.0]]
-    first = to_original_frame(detections(boxes, [1, 1, 2]), 7, scale_x=0.3, scale_y=1.7)
+    first = detections(
+        [[b[0] / 0.3, b[1] / 1.7, b[2] / 0.3, b[3] / 1.7] for b in boxes], [1, 1, 2], image_id=7
+    )
     first.proposal_scores = np.array([0.25, 0.75, 0.25], dtype=np.float32)
-    empty = to_original_frame(detections([], []), 8, 1.0, 1.0)
+    empty = detections([], [], image_id=8)
     stream = proposal_arrays([first, empty])
     assert not isinstance(stream, list)  # a generator: one image at a time
     arrays = list(stream)
@@ -77,19 +76,35 @@ def test_unknown_label_is_an_error() -> None:
 def test_any_image_mode_becomes_three_channels() -> None:
     grey = Image.new("L", (7, 5), color=128)
     tensor = image_to_tensor(grey)
-    assert tensor.shape == (3, 5, 7) and float(tensor.max()) == pytest.approx(128 / 255)
+    assert tensor.dtype == torch.uint8 and tensor.shape == (3, 5, 7) and int(tensor.max()) == 128
     assert image_to_tensor(Image.new("RGBA", (4, 4))).shape == (3, 4, 4)
 
 
 def test_read_index_names_the_file(tmp_path: Path) -> None:
-    with pytest.raises(DatasetError, match=f"{tmp_path}/val2017/index.json: not found"):
+    with pytest.raises(DatasetError, match=f"{tmp_path}/val2017/split.json: not found"):
         read_index(tmp_path, "val2017")
     (tmp_path / "val2017").mkdir()
-    (tmp_path / "val2017" / "index.json").write_text(
-        json.dumps({"annotation_file": "x", "images": [{"image_id": 1}]})
-    )
-    with pytest.raises(DatasetError, match=r"images\[0\] lacks 'file'"):
+    (tmp_path / "val2017" / "split.json").write_text(json.dumps({"annotation_file": "x"}))
+    with pytest.raises(
+        DatasetError, match=r"split\.json: expected an object with 'annotation_file' and 'shards'"
+    ):
         read_index(tmp_path, "val2017")
+    (tmp_path / "val2017" / "split.json").write_text(json.dumps({"annotation_file": "x", "shards": []}))
+    with pytest.raises(DatasetError, match=f"{tmp_path}/val2017/index.parquet: not found"):
+        read_index(tmp_path, "val2017")
+
+
+def test_detections_are_in_original_pixels_of_a_larger_image(tmp_path: Path) -> None:
+    """Images stored at 400x320 (over the model's 128..160): the model resizes them itself and its
+    boxes come back in the stored (original) pixels, the COCO frame, with no scaling by the caller."""
+    root = synthetic_preprocessed(tmp_path, images=2, width=400, height=320)
+    index = read_index(root, "val2017")
+    assert index.widths.tolist() == [400, 400] and index.heights.tolist() == [320, 320]
+    model = tiny_model_file(tmp_path / "model.pt", read_categories(root))
+    run = predict_split(model, root, "val2017", batch_size=2)
+    boxes = np.concatenate([d.boxes for d in run.detections])
+    assert len(boxes) > 0 and boxes[:, 2].max() > 160 and boxes[:, 3].max() > 128  # beyond the model's size
+    assert boxes[:, 2].max() <= 400 and boxes[:, 3].max() <= 320
 
 
 @pytest.mark.slow

@@ -29,9 +29,7 @@ COLUMNS = ["variant", "features (RPN / RoI)", "anchors", "AR100", "AR1k", "ARs1k
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_data(
-        tmp_path_factory.mktemp("ablate-data"), width=160, height=128, min_size=128, max_size=160
-    )
+    return tiny_data(tmp_path_factory.mktemp("ablate-data"), width=160, height=128)
 
 
 def run_stage(cluster: LocalRayCluster, root: Path, data: Path) -> str:

@@ -15,6 +15,7 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
+from pipeline.dataset import DetectionDataset
 from pipeline.evaluate.coco_eval import PROPOSAL_KEYS, STANDARD_KEYS
 from pipeline.evaluate.stage import slug
 from stages import evaluate
@@ -187,9 +188,9 @@ def test_evaluate_coco_mini_with_a_new_run(
     assert evaluate.main(stage_args(tmp_path, params, model, data)) == 0
     metrics = check_outputs(tmp_path, num_pictures=1)
     assert metrics["num_images"] == 3
-    index = json.loads((data / "val2017" / "index.json").read_text())
+    dataset = DetectionDataset(data, "val2017", train=False)
     names = {c["label"]: c["name"] for c in read_categories(data)}
-    present = {names[label] for entry in index["images"] for label in entry["labels"]}
+    present = {names[label] for i in range(len(dataset)) for label in dataset[i][1]["labels"].tolist()}
     assert {f"AP_{slug(name)}" for name in present} == {key for key in metrics if key.startswith("AP_")}
     runs = MlflowClient(mlflow_server).search_runs(
         [MlflowClient(mlflow_server).get_experiment_by_name("fpn-tests").experiment_id],

@@ -89,7 +89,8 @@ def test_data_only_the_driver_sees_fails_naming_the_worker_node(
     assert f"node {worker}: cannot read {data / 'categories.json'}: No such file or directory" in stderr, (
         stderr
     )
-    assert f"node {worker}: cannot read {data / 'train2017' / 'index.json'}" in stderr, stderr
+    for name in ("split.json", "index.parquet", "shard-00000.parquet"):
+        assert f"node {worker}: cannot read {data / 'train2017' / name}" in stderr, stderr
     assert "the data must be on storage every node sees" in stderr
     assert f"node {cluster.head_ip}:" not in stderr, "the head node sees the data"
     error = [line for line in stderr.splitlines() if line.startswith("stages.train: error:")]

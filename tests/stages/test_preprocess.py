@@ -1,28 +1,31 @@
-"""Stage preprocess end to end on real COCO (coco-mini): scale, boxes, crowd, labels, Ray, failures."""
+"""Stage preprocess end to end on real COCO (coco-mini): original bytes, shards, boxes, crowd, labels, Ray, failures."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import PreprocessConfig
+from pipeline.dataset import read_index
 from pipeline.preprocess import stage
-from pipeline.preprocess.prepare_image import ImageResult, ImageTask, ResizeSpec, prepare_chunk
+from pipeline.preprocess.prepare_image import ImageResult, ImageSpec, ImageTask, prepare_chunk
 from pipeline.preprocess.stage import preprocess_dataset
 from stages.preprocess import main
 from tests.params_files import write_params_file
 
-MIN_SIZE, MAX_SIZE = 320, 512  # small for speed; the rule is the same as at 800/1333
+IMAGES_PER_SHARD = 30  # coco-mini's 80 val images: 3 shards
 
 
 def params(tmp_path: Path, **preprocess: object) -> str:
-    raw = {"preprocess": {"workers": 2, **preprocess}, "model": {"min_size": MIN_SIZE, "max_size": MAX_SIZE}}
+    raw = {"preprocess": {"workers": 2, "images_per_shard": IMAGES_PER_SHARD, **preprocess}}
     return str(write_params_file(tmp_path / "params.yaml", raw))
 
 
@@ -39,46 +42,42 @@ def preprocessed(coco_mini: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     return out
 
 
-def test_real_coco_is_resized_with_boxes_in_the_new_frame(preprocessed: Path, coco_mini: Path) -> None:
+def test_real_coco_keeps_its_bytes_and_boxes_in_original_pixels(preprocessed: Path, coco_mini: Path) -> None:
     coco = json.loads((coco_mini / "annotations" / "instances_val2017.json").read_text())
-    index = json.loads((preprocessed / "val2017" / "index.json").read_text())
-    assert index["annotation_file"] == str(coco_mini / "annotations" / "instances_val2017.json")
-    assert len(index["images"]) == 80
+    index = read_index(preprocessed, "val2017")
+    assert index.annotation_file == str(coco_mini / "annotations" / "instances_val2017.json")
+    assert len(index) == 80 and len(index.shard_files) == math.ceil(80 / IMAGES_PER_SHARD)
     images = {image["id"]: image for image in coco["images"]}
     categories = json.loads((preprocessed / "categories.json").read_text())
     label_of = {c["id"]: c["label"] for c in categories}
     assert len(categories) == 80 and max(label_of) == 90 and sorted(label_of.values()) == list(range(1, 81))
-    portrait = 0
-    for record in index["images"]:
-        w, h = images[record["image_id"]]["width"], images[record["image_id"]]["height"]
-        assert (record["orig_width"], record["orig_height"]) == (w, h)
-        assert (
-            min(record["width"], record["height"]) == MIN_SIZE
-            or max(record["width"], record["height"]) == MAX_SIZE
-        )
-        assert max(record["width"], record["height"]) <= MAX_SIZE
-        assert record["scale_x"] == record["width"] / w and record["scale_y"] == record["height"] / h
-        portrait += record["aspect_ratio"] < 1
-        anns = [a for a in coco["annotations"] if a["image_id"] == record["image_id"]]
+    rows = [row for name in index.shard_files for row in pq.read_table(index.folder / name).to_pylist()]
+    assert (
+        [row["image_id"] for row in rows]
+        == index.image_ids.tolist()
+        == [image["id"] for image in coco["images"]]
+    )
+    for row, width, height in zip(rows, index.widths.tolist(), index.heights.tolist(), strict=True):
+        image = images[row["image_id"]]
+        assert (row["width"], row["height"]) == (width, height) == (image["width"], image["height"])
+        assert row["image"] == (coco_mini / "val2017" / image["file_name"]).read_bytes()  # byte for byte
+        assert row["file"] == image["file_name"]
+        anns = [a for a in coco["annotations"] if a["image_id"] == row["image_id"]]
         plain = [a for a in anns if not a["iscrowd"]]
-        assert len(record["boxes"]) == len(plain) and len(record["crowd_boxes"]) == len(anns) - len(plain)
-        for box, label, ann in zip(record["boxes"], record["labels"], plain, strict=True):
+        assert len(row["boxes"]) == 4 * len(plain) and len(row["crowd_boxes"]) == 4 * (len(anns) - len(plain))
+        for k, ann in enumerate(plain):
             x, y, bw, bh = ann["bbox"]
-            back = [
-                box[0] / record["scale_x"],
-                box[1] / record["scale_y"],
-                box[2] / record["scale_x"],
-                box[3] / record["scale_y"],
-            ]
-            assert back == pytest.approx([x, y, min(x + bw, w), min(y + bh, h)], abs=0.02)
-            assert label == label_of[ann["category_id"]]
-    assert portrait == 16
+            clipped = [x, y, min(x + bw, width), min(y + bh, height)]
+            assert row["boxes"][4 * k : 4 * k + 4] == pytest.approx(clipped, abs=1e-3)  # float32
+            assert row["labels"][k] == label_of[ann["category_id"]]
+    assert int((index.aspect_ratios < 1).sum()) == 16
     report = json.loads((preprocessed / "report.json").read_text())
     assert (
         report["counts"]["val2017"]["crowd_boxes"] == 11 and report["counts"]["train2017"]["crowd_boxes"] == 1
     )
     assert (
         report["counts"]["val2017"]["images_skipped"] == 0
+        and report["counts"]["val2017"]["images_converted"] == 0
         and report["counts"]["train2017"]["images_written"] == 16
     )
 
@@ -88,8 +87,8 @@ def test_ray_tasks_give_the_same_output(preprocessed: Path, coco_mini: Path, tmp
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         summary = preprocess_dataset(
-            coco_mini, tmp_path / "pre", splits=("train2017", "val2017"), min_size=MIN_SIZE, max_size=MAX_SIZE,
-            cfg=PreprocessConfig(use_ray=True), progress=False,
+            coco_mini, tmp_path / "pre", splits=("train2017", "val2017"),
+            cfg=PreprocessConfig(use_ray=True, images_per_shard=IMAGES_PER_SHARD), progress=False,
         )  # fmt: skip
     finally:
         ray.shutdown()
@@ -119,7 +118,7 @@ def test_malformed_json_exits_1_naming_the_file(coco_mini: Path, tmp_path: Path,
     assert not (tmp_path / "pre").exists()
 
 
-def killed_on_5001(tasks: list[ImageTask], spec: ResizeSpec) -> list[ImageResult]:
+def killed_on_5001(tasks: list[ImageTask], spec: ImageSpec) -> list[ImageResult]:
     """`prepare_chunk`, except that the worker given val2017/000000005001.jpg is killed (SIGKILL)."""
     if any(task.file.endswith("000000005001.jpg") for task in tasks):
         os.kill(os.getpid(), signal.SIGKILL)

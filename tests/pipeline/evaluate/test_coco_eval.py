@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
+from pipeline.dataset import DetectionDataset
 from pipeline.evaluate.coco_eval import (
     PROPOSAL_KEYS,
     STANDARD_KEYS,
@@ -26,7 +27,7 @@ from pipeline.evaluate.coco_eval import (
     proposal_recall,
     streaming_proposal_recall,
 )
-from pipeline.inference import ImageDetections, coco_results, to_original_frame
+from pipeline.inference import ImageDetections, coco_results
 from tests.detection_samples import coco_mini_preprocessed, read_categories
 
 # cocoapi's published bbox numbers for instances_val2014_fakebbox100_results.json (results/ in
@@ -181,27 +182,28 @@ def test_proposal_recall_is_class_agnostic_and_per_size() -> None:
     assert (recall["ARs1k"], recall["ARm1k"], recall["ARl1k"]) == (pytest.approx(1.0), 0.0, 0.0)
 
 
-def test_gt_as_detections_through_label_and_scale_mapping(shared_data: Path, tmp_path: Path) -> None:
-    """coco-mini (real COCO ids 1..90 with gaps): resized-frame boxes with contiguous labels, mapped
-    back by scale_x/scale_y and categories.json, score AP 1 against the original annotation file."""
+def test_gt_as_detections_through_label_mapping(shared_data: Path, tmp_path: Path) -> None:
+    """coco-mini (real COCO ids 1..90 with gaps): the shards' boxes (original pixels) with contiguous
+    labels, mapped by categories.json, score AP 1 against the original annotation file."""
     root = coco_mini_preprocessed(shared_data, tmp_path, images=6)
-    index = json.loads((root / "val2017" / "index.json").read_text())
+    dataset = DetectionDataset(root, "val2017", train=False)
     categories = read_categories(root)
     assert any(c["label"] != c["id"] for c in categories)  # the mapping matters
     detections = []
-    for entry in index["images"]:
-        n = len(entry["labels"])
-        resized = ImageDetections(
-            image_id=-1,
-            boxes=np.asarray(entry["boxes"], dtype=np.float32).reshape(-1, 4),
-            scores=np.ones(n, dtype=np.float32),
-            labels=np.asarray(entry["labels"], dtype=np.int64),
-            proposals=np.asarray(entry["boxes"], dtype=np.float32).reshape(-1, 4),
-            proposal_scores=np.ones(n, dtype=np.float32),
+    for _, target in (dataset[i] for i in range(len(dataset))):
+        n = len(target["labels"])
+        detections.append(
+            ImageDetections(
+                image_id=target["image_id"],
+                boxes=target["boxes"].numpy(),
+                scores=np.ones(n, dtype=np.float32),
+                labels=target["labels"].numpy(),
+                proposals=target["boxes"].numpy(),
+                proposal_scores=np.ones(n, dtype=np.float32),
+            )
         )
-        detections.append(to_original_frame(resized, entry["image_id"], entry["scale_x"], entry["scale_y"]))
-    image_ids = [entry["image_id"] for entry in index["images"]]
-    gt = load_ground_truth(index["annotation_file"])
+    image_ids = dataset.index.image_ids.tolist()
+    gt = load_ground_truth(dataset.annotation_file)
     evaluation = evaluate_detections(gt, coco_results(detections, categories), image_ids=image_ids)
     for key in ("AP", "AP50", "AP75", "AR100"):
         assert evaluation.metrics[key] == pytest.approx(1.0, abs=1e-6), key

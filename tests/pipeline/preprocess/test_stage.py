@@ -12,13 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from pipeline.coco_format import CocoFormatError
 from pipeline.config import PreprocessConfig
+from pipeline.dataset import read_index
 from pipeline.preprocess import stage
-from pipeline.preprocess.prepare_image import ImageResult, ImageTask, ResizeSpec, prepare_chunk
+from pipeline.preprocess.prepare_image import ImageResult, ImageSpec, ImageTask, prepare_chunk
 from pipeline.preprocess.stage import PreprocessCrash, PreprocessError, preprocess_dataset
 from tests.image_files import with_header_size
 
@@ -101,10 +103,21 @@ def messy(tmp_path: Path) -> Path:
     return root
 
 
-def run(root: Path, out: Path, cfg: PreprocessConfig = SERIAL, min_size: int = 96, max_size: int = 160):
-    return preprocess_dataset(
-        root, out, splits=SPLITS, min_size=min_size, max_size=max_size, cfg=cfg, progress=False
-    )
+def run(root: Path, out: Path, cfg: PreprocessConfig = SERIAL):
+    return preprocess_dataset(root, out, splits=SPLITS, cfg=cfg, progress=False)
+
+
+def shard_rows(out: Path, split: str) -> dict[int, dict[str, Any]]:
+    """Every row of the split's shards (read with plain pyarrow), by image id."""
+    index = read_index(out, split)
+    rows = [row for name in index.shard_files for row in pq.read_table(out / split / name).to_pylist()]
+    return {row["image_id"]: row for row in rows}
+
+
+def stored_image(row: dict[str, Any]) -> Image.Image:
+    image = Image.open(io.BytesIO(row["image"]))
+    image.load()
+    return image
 
 
 def test_bad_input_is_reported_and_skipped(messy: Path, tmp_path: Path) -> None:
@@ -135,26 +148,30 @@ def test_bad_input_is_reported_and_skipped(messy: Path, tmp_path: Path) -> None:
     assert by_kind["bad_annotation"] == ["instances_train2017.json"] * 2
     assert len(by_kind["degenerate_box"]) == 2
 
-    index = json.loads((out / "train2017" / "index.json").read_text())
-    assert index["annotation_file"] == str(messy / "annotations" / "instances_train2017.json")
-    records = {r["image_id"]: r for r in index["images"]}
-    assert sorted(records) == [1, 2, 3]
-    ok = records[1]
-    # 64x48 -> shorter side 96 (max 160 not reached): 128x96, factor 2 on both axes.
-    assert (ok["width"], ok["height"], ok["scale_x"], ok["scale_y"]) == (128, 96, 2.0, 2.0)
-    assert ok["boxes"] == [[16.0, 16.0, 48.0, 40.0], [100.0, 80.0, 128.0, 96.0]]
+    index = read_index(out, "train2017")
+    assert index.annotation_file == str(messy / "annotations" / "instances_train2017.json")
+    rows = shard_rows(out, "train2017")
+    assert sorted(rows) == index.image_ids.tolist() == [1, 2, 3]
+    ok = rows[1]
+    # Original pixels (64x48, not resized), flat xyxy.
+    assert (ok["file"], ok["width"], ok["height"]) == ("ok.jpg", 64, 48)
+    assert ok["boxes"] == [8.0, 8.0, 24.0, 20.0, 50.0, 40.0, 64.0, 48.0]
     assert ok["labels"] == [1, 2]  # COCO ids 3, 7 -> labels 1, 2
-    assert ok["crowd_boxes"] == [[0.0, 0.0, 60.0, 60.0]]
-    assert ok["aspect_ratio"] == pytest.approx(128 / 96)
-    for record in records.values():
-        with Image.open(out / "train2017" / record["file"]) as image:
-            assert image.mode == "RGB" and image.size == (record["width"], record["height"])
+    assert ok["crowd_boxes"] == [0.0, 0.0, 30.0, 30.0]
+    assert ok["image"] == (messy / "train2017" / "ok.jpg").read_bytes()  # the original bytes
+    assert index.num_boxes.tolist() == [2, 1, 0]
+    for row in rows.values():
+        image = stored_image(row)
+        assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (row["width"], row["height"]))
 
     categories = json.loads((out / "categories.json").read_text())
     assert categories == [{"label": 1, "id": 3, "name": "cat"}, {"label": 2, "id": 7, "name": "dog"}]
     manifest = json.loads((out / "manifest.json").read_text())
     digest = hashlib.sha256()
-    for part in ("train2017/index.json", "val2017/index.json", "categories.json"):
+    for part in (
+        "train2017/shard-00000.parquet", "train2017/index.parquet", "train2017/split.json",
+        "val2017/shard-00000.parquet", "val2017/index.parquet", "val2017/split.json", "categories.json",
+    ):  # fmt: skip
         digest.update((out / part).read_bytes())
     assert manifest["data_hash"] == digest.hexdigest() == summary.data_hash
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
@@ -177,20 +194,16 @@ def test_real_grayscale_jpeg_becomes_rgb(shared_data: Path, tmp_path: Path) -> N
         coco = json.loads(path.read_text())
         coco["images"][0].update(width=378, height=640)
         path.write_text(json.dumps(coco))
-    summary = run(root, tmp_path / "pre", min_size=128, max_size=256)
+    summary = run(root, tmp_path / "pre")
     assert (
         summary.counts["train2017"]["images_converted"] == 1
         and summary.counts["train2017"]["images_written"] == 1
     )
-    record = json.loads((tmp_path / "pre" / "train2017" / "index.json").read_text())["images"][0]
-    assert (record["orig_width"], record["orig_height"], record["width"], record["height"]) == (
-        378,
-        640,
-        128,
-        217,
-    )
-    with Image.open(tmp_path / "pre" / "train2017" / "images" / "1.jpg") as image:
-        assert image.mode == "RGB" and image.size == (128, 217)
+    row = shard_rows(tmp_path / "pre", "train2017")[1]
+    assert (row["width"], row["height"]) == (378, 640)  # not resized
+    image = stored_image(row)
+    assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (378, 640))
+    assert row["image"] != gray
 
 
 def test_malformed_annotation_files_are_fatal_and_named(messy: Path, tmp_path: Path) -> None:
@@ -245,11 +258,12 @@ def test_16_bit_png_is_scaled_to_8_bit_not_white(tmp_path: Path) -> None:
     summary = run(root, tmp_path / "pre")
     assert summary.counts["train2017"]["images_written"] == 2
     assert summary.counts["train2017"]["images_converted"] == 2
+    rows = shard_rows(tmp_path / "pre", "train2017")
     for image_id, grey in ((1, 40), (2, 200)):
-        with Image.open(tmp_path / "pre" / "train2017" / "images" / f"{image_id}.jpg") as image:
-            assert image.mode == "RGB"
-            low, high = zip(*image.getextrema(), strict=True)
-            assert grey - 2 <= min(low) and max(high) <= grey + 2, image.getextrema()
+        image = stored_image(rows[image_id])
+        assert image.format == "JPEG" and image.mode == "RGB"
+        low, high = zip(*image.getextrema(), strict=True)
+        assert grey - 2 <= min(low) and max(high) <= grey + 2, image.getextrema()
 
 
 def test_header_size_unlike_the_annotation_is_skipped_before_decoding(messy: Path, tmp_path: Path) -> None:
@@ -262,8 +276,7 @@ def test_header_size_unlike_the_annotation_is_skipped_before_decoding(messy: Pat
     assert kinds(summary)["size_mismatch"] == ["ok.jpg"]
     (message,) = [p["message"] for p in summary.problems if p["kind"] == "size_mismatch"]
     assert "annotation says 64x48, file header says 96x72, skipped" in message
-    index = json.loads((tmp_path / "pre" / "train2017" / "index.json").read_text())
-    assert sorted(r["image_id"] for r in index["images"]) == [2, 3]
+    assert read_index(tmp_path / "pre", "train2017").image_ids.tolist() == [2, 3]
 
 
 def test_images_over_max_pixels_are_skipped_from_the_header(tmp_path: Path) -> None:
@@ -296,7 +309,7 @@ def test_images_over_max_pixels_are_skipped_from_the_header(tmp_path: Path) -> N
     assert lowered.counts["train2017"]["images_written"] == 1  # the cap itself is allowed
 
 
-def die_on_forged(tasks: list[ImageTask], spec: ResizeSpec) -> list[ImageResult]:
+def die_on_forged(tasks: list[ImageTask], spec: ImageSpec) -> list[ImageResult]:
     """`prepare_chunk`, except that a worker holding ``forged.jpg`` is killed (as the OOM killer would)."""
     if any(task.file.endswith("forged.jpg") for task in tasks):
         os.kill(os.getpid(), signal.SIGKILL)
@@ -320,4 +333,43 @@ def test_a_killed_worker_names_the_images_in_flight_and_how_to_rerun(
     )
     assert "forged.jpg" in message and "preprocess.workers: 1" in message
     assert not (tmp_path / "pre").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_shards_hold_images_per_shard_rows_in_small_row_groups(tmp_path: Path) -> None:
+    root = tmp_path / "coco"
+    write_coco(root, "train2017", {f"{i}.jpg": jpeg("RGB", seed=i) for i in range(37)}, [])
+    write_coco(root, "val2017", {"v.jpg": jpeg("RGB")}, [])
+    run(root, tmp_path / "pre", PreprocessConfig(workers=1, images_per_shard=10))
+    index = read_index(tmp_path / "pre", "train2017")
+    assert index.shard_files == tuple(f"shard-0000{i}.parquet" for i in range(4))  # ceil(37 / 10)
+    split = json.loads((tmp_path / "pre" / "train2017" / "split.json").read_text())
+    assert (split["split"], split["images"], split["shards"]) == ("train2017", 37, list(index.shard_files))
+    assert index.shards.tolist() == [i // 10 for i in range(37)]
+    assert index.rows.tolist() == [i % 10 for i in range(37)]
+    first = pq.ParquetFile(tmp_path / "pre" / "train2017" / "shard-00000.parquet")
+    assert [first.metadata.row_group(g).num_rows for g in range(first.num_row_groups)] == [10]
+    assert first.metadata.row_group(0).column(2).compression == "UNCOMPRESSED"  # image
+    assert first.metadata.row_group(0).column(5).compression == "ZSTD"  # boxes
+    assert pq.read_metadata(tmp_path / "pre" / "train2017" / "shard-00003.parquet").num_rows == 7
+
+
+def test_a_failure_while_writing_shards_leaves_no_output(
+    messy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shards are written whole or not at all: a crash after the first shard leaves nothing."""
+    out = tmp_path / "pre"
+    added = []
+    original = stage.SplitWriter.add
+
+    def add_then_fail(self: stage.SplitWriter, row: dict[str, Any]) -> None:
+        if len(added) == 2:
+            raise RuntimeError("disk gone")
+        added.append(row["image_id"])
+        original(self, row)
+
+    monkeypatch.setattr(stage.SplitWriter, "add", add_then_fail)
+    with pytest.raises(RuntimeError, match="disk gone"):
+        run(messy, out, PreprocessConfig(workers=1, images_per_shard=1))
+    assert added == [1, 2] and not out.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

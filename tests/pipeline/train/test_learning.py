@@ -29,7 +29,7 @@ def test_training_lowers_the_loss_and_detects_held_out_shapes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    data = tiny_data(tmp_path / "data", train_images=64, val_images=16, min_size=128, max_size=160)
+    data = tiny_data(tmp_path / "data", train_images=64, val_images=16)
     params = params_from_dict(tiny_params(model=MODEL, **TRAIN))
     out = TrainOutputs(
         model=tmp_path / "model.pt", metrics=tmp_path / "train.json", plots=tmp_path / "loss.csv"
@@ -42,6 +42,6 @@ def test_training_lowers_the_loss_and_detects_held_out_shapes(
 
     run = predict_split(out.model, data, "val2017", batch_size=4)
     results = coco_results(run.detections, read_categories(data))
-    metrics = coco_metrics(read_index(data, "val2017")["annotation_file"], results)
+    metrics = coco_metrics(read_index(data, "val2017").annotation_file, results)
     print(json.dumps({"loss_first": first, "loss_last": last, **metrics}))
     assert metrics["AP50"] > 0.25, metrics

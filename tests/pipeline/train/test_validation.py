@@ -43,11 +43,11 @@ def test_first_images_by_id_and_ground_truth(data: Path) -> None:
     holdout = HoldoutSet.load(data, "val2017", 3)
     assert len(holdout) == 3 and holdout.image_ids == sorted(holdout.image_ids)
     assert all(image.dtype == torch.uint8 and image.shape[0] == 3 for image in holdout.images)
-    # Kept as the decoded bytes: exactly the dataset's float image once divided by 255.
+    # Kept as decoded: exactly the dataset's uint8 image.
     first = DetectionDataset(data, "val2017", train=False)
-    by_id = {int(r["image_id"]): i for i, r in enumerate(first.records)}
+    by_id = {int(image_id): i for i, image_id in enumerate(first.index.image_ids)}
     image, _ = first[by_id[holdout.image_ids[0]]]
-    assert torch.equal(holdout.images[0].float().div_(255.0), image)
+    assert torch.equal(holdout.images[0], image)
     assert len(HoldoutSet.load(data, "val2017", 50)) == 5, "fewer when the split has fewer"
 
 

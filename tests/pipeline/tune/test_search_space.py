@@ -72,7 +72,7 @@ def test_space_parses_to_tune_domains_and_decodes_back(raw: dict) -> None:
         ({"train.lrr": {"type": "uniform", "low": 0.1, "high": 0.2}}, r"tune\.space\.train\.lrr: unknown key"),
         ({"data.seed": {"type": "choice", "values": [0, 1]}}, r"tune\.space\.data\.seed: section 'data'"),
         ({"lr": {"type": "uniform", "low": 0.1, "high": 0.2}}, r"tune\.space\.lr: expected section\.key"),
-        ({"model.min_size": {"type": "choice", "values": [96, 128]}}, r"model\.min_size: cannot be tuned.*preprocess"),
+        ({"model.num_classes": {"type": "choice", "values": [3, 4]}}, r"model\.num_classes: cannot be tuned.*categories"),
         ({"train.iterations": {"type": "randint", "low": 5, "high": 9}}, r"train\.iterations: cannot be tuned"),
         ({"train.lr": {"type": "normal", "low": 0.1, "high": 0.2}}, r"tune\.space\.train\.lr: type: must be one of"),
         ({"train.lr": {"type": "uniform", "low": 0.2, "high": 0.1}}, r"train\.lr: low must be < high"),
