@@ -74,15 +74,6 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
-def read_image(path: str | Path) -> torch.Tensor:
-    """Read an image file as uint8 Tensor[3, H, W]; `InferenceError` naming it if unreadable."""
-    try:
-        with Image.open(path) as image:
-            return image_to_tensor(image)
-    except (OSError, ValueError) as err:
-        raise InferenceError(f"{path}: cannot read image: {err}") from err
-
-
 def default_device() -> torch.device:
     """``cuda`` when a GPU is visible, else ``cpu``."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

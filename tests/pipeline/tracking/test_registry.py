@@ -99,8 +99,8 @@ def test_champion_alias_loads_back_with_the_same_detections(
     name = f"fpn-test-{uuid.uuid4().hex[:8]}"
     register(tracking, logged_model_uri(tracking, model_file), name, 0.1, "data-A")
 
-    root = synthetic_preprocessed(tmp_path, images=2)
-    files = sorted((root / "val2017" / "images").glob("*.jpg"))
+    synthetic_preprocessed(tmp_path, images=2)
+    files = sorted((tmp_path / "coco" / "val2017").glob("*.jpg"))  # the originals the shards keep
     images = [Image.open(f).convert("RGB") for f in files]
     direct = predict_images(load_model_file(model_file), images)
     registered = load_detector(f"models:/{name}@{CHAMPION}", tracking_uri=tracking)
