@@ -42,6 +42,7 @@ from pathlib import Path
 import psutil
 
 from pipeline.config import ConfigError, Params
+from pipeline.ports import free_port
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def _start_with_dashboard(*, log_to_driver: bool) -> None:
     import ray
 
     for attempt in range(1, DASHBOARD_ATTEMPTS + 1):
-        port = _free_port()
+        port = free_port()
         before = _child_pids()
         try:
             ray.init(
@@ -397,12 +398,6 @@ def _health(uri: str, timeout_s: float) -> str | None:
             return None if response.status == 200 else f"/health answered HTTP {response.status}"
     except urllib.error.HTTPError as err:
         return f"/health answered HTTP {err.code}"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _check_reachable(address: str) -> None:
