@@ -270,6 +270,8 @@ def child_loader(root: str, split: str, workers: int, batch_size: int, max_image
     main_before = _process_memory(process)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers)
     batches = len(sampler)
+    if batches < 2:
+        raise ValueError(f"{root}/{split}: {len(dataset)} images make {batches} batch(es); need 2 to measure")
     if max_images:
         batches = min(batches, max(2, -(-max_images // batch_size)))
     iterator = iter(loader)
