@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pipeline.ports import free_port
 
 START_TIMEOUT_S = 60
 BUCKET = "fpn-test"  # S3 bucket names need at least 3 characters
@@ -86,12 +87,6 @@ class S3Server:
                 self.process.wait()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2):
@@ -107,7 +102,7 @@ def start_s3_server(log_dir: Path, *, bucket: str = BUCKET) -> S3Server:
     command = moto_server_command()
     if command is None:
         raise RuntimeError('moto_server is not installed: pip install "moto[server]"')
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     log_path = log_dir / "moto_server.log"
     # Its own environment: no AWS_* of the caller's (a real profile or endpoint) reaches the server.
