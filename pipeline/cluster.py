@@ -43,6 +43,8 @@ from pathlib import Path
 import psutil
 
 from pipeline.config import ConfigError, Params
+from pipeline.ports import free_port
+from pipeline.storage import is_uri, join_location, location_exists, remove_file, write_empty_file
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +103,7 @@ def _start_with_dashboard(*, log_to_driver: bool) -> None:
     import ray
 
     for attempt in range(1, DASHBOARD_ATTEMPTS + 1):
-        port = _free_port()
+        port = free_port()
         before = _child_pids()
         try:
             ray.init(
@@ -225,6 +227,10 @@ def check_fits(
 
 DATA_HINT = "the data must be on storage every node sees at the same path: NFS"
 STORAGE_HINT = "the storage path must be storage every node sees at the same path: NFS, or s3://"
+OBJECT_STORE_HINT = (
+    "every node needs the bucket's credentials and endpoint in the environment of its Ray processes: "
+    "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL"
+)
 WEIGHTS_HINT = "train.init_weights must be a file every node sees at the same path: NFS"
 TRACKING_HINT = "every node must reach the tracking server at that address"
 LOOPBACK_HINT = "on each node that names the node itself: give the tracking server's private IP"
@@ -235,8 +241,8 @@ class NodeChecks:
     """What `probe_node` checks on one node (paths as the driver names them)."""
 
     files: tuple[tuple[str, str], ...]  # (path, hint): each must be readable
-    storage: str | None  # a local storage folder: `probe` must be visible in it, and it writable
-    probe: str | None  # the file the driver wrote into `storage`
+    storage: str | None  # the storage folder or URI: `probe` must be visible in it, and it writable
+    probe: str | None  # the file (object) the driver wrote into `storage`
     tracking_uri: str | None  # an http(s) MLflow URI whose /health must answer
     timeout_s: float = 5.0  # for each check
 
@@ -263,15 +269,16 @@ def probe_node(checks: NodeChecks) -> list[str]:
             problems.append(f"cannot read {path}: {failed} ({hint})")
     if checks.storage and checks.probe:
         probe = checks.probe
-        if _within(checks.timeout_s, lambda: None if os.path.exists(probe) else "absent") is not None:
-            problems.append(
-                f"cannot see {probe}, which the driver wrote into the storage path ({STORAGE_HINT})"
-            )
+        hint = OBJECT_STORE_HINT if is_uri(probe) else STORAGE_HINT
+        seen = _within(checks.timeout_s, lambda: None if location_exists(probe) else "absent")
+        if seen is not None:
+            why = "" if seen == "absent" else f": {seen}"
+            problems.append(f"cannot see {probe}, which the driver wrote into the storage path{why} ({hint})")
         else:
             mine = f"{probe}-{secrets.token_hex(4)}"  # this node's own file: written, then removed
             failed = _within(checks.timeout_s, lambda: _write_and_remove(mine))
             if failed:
-                problems.append(f"cannot write to {checks.storage}: {failed} ({STORAGE_HINT})")
+                problems.append(f"cannot write to {checks.storage}: {failed} ({hint})")
     if checks.tracking_uri:
         uri = checks.tracking_uri
         failed = _within(checks.timeout_s, lambda: _health(uri, checks.timeout_s))
@@ -307,9 +314,10 @@ def check_nodes(
 
     One task per node (``num_cpus=0``, pinned with a hard node affinity, so it runs even when
     training workers hold every CPU) runs `probe_node`: the data's ``categories.json`` and
-    ``<split>/``'s split.json, index.parquet and shards readable, ``init_weights`` (a local file, when given) readable, a
-    local ``storage`` folder shared (it sees a probe file the driver writes there first, removed
-    afterwards with any folder made for it) and writable, an http(s) ``tracking_uri`` answering
+    ``<split>/``'s split.json, index.parquet and shards readable, ``init_weights`` (a local file,
+    when given) readable, a ``storage`` folder or object-store URI shared (it sees a probe file the
+    driver writes there first, removed afterwards with any folder made for it) and writable, an
+    http(s) ``tracking_uri`` answering
     ``/health``: each within ``timeout_s``; a node that does not answer in ``answer_timeout_s``
     is reported too. On one node nothing is checked: the driver has read the data already.
     """
@@ -321,13 +329,13 @@ def check_nodes(
         return
     root = Path(data_root)
     files = [(str(path), DATA_HINT) for path in [root / "categories.json", *_split_files(root, split)]]
-    if init_weights and "://" not in init_weights:
+    if init_weights and not is_uri(init_weights):
         files.append((init_weights, WEIGHTS_HINT))
     web = tracking_uri if tracking_uri.startswith(("http://", "https://")) else None
     task = ray.remote(num_cpus=0, max_retries=0)(probe_node)
     failures: list[tuple[str, Sequence[str]]] = []
     with _storage_probe(storage) as probe:
-        checks = NodeChecks(tuple(files), storage if probe else None, probe, web, timeout_s)
+        checks = NodeChecks(tuple(files), storage, probe, web, timeout_s)
         refs = {
             task.options(
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
@@ -350,10 +358,21 @@ def check_nodes(
 
 
 @contextlib.contextmanager
-def _storage_probe(storage: str) -> Iterator[str | None]:
-    """A file with a random name in a local ``storage`` folder for the nodes to look for (None for URIs)."""
-    if "://" in storage:
-        yield None
+def _storage_probe(storage: str) -> Iterator[str]:
+    """A file with a random name in ``storage`` (a folder or a URI) for the nodes to look for."""
+    if is_uri(storage):
+        probe = join_location(storage, f".preflight-{secrets.token_hex(8)}")
+        try:
+            write_empty_file(probe)
+        except OSError as err:  # pyarrow raises OSError subclasses for S3 errors
+            raise ConfigError(
+                f"storage path {storage}: cannot write there from the driver ({err}); {OBJECT_STORE_HINT}"
+            ) from None
+        try:
+            yield probe
+        finally:
+            with contextlib.suppress(OSError):
+                remove_file(probe)
         return
     folder = Path(storage)
     made = [p for p in (folder, *folder.parents) if not p.exists()]
@@ -400,9 +419,9 @@ def _read_a_byte(path: str) -> None:
         file.read(1)
 
 
-def _write_and_remove(path: str) -> None:
-    Path(path).write_bytes(b"")
-    os.unlink(path)
+def _write_and_remove(location: str) -> None:
+    write_empty_file(location)
+    remove_file(location)
 
 
 def _health(uri: str, timeout_s: float) -> str | None:
@@ -411,12 +430,6 @@ def _health(uri: str, timeout_s: float) -> str | None:
             return None if response.status == 200 else f"/health answered HTTP {response.status}"
     except urllib.error.HTTPError as err:
         return f"/health answered HTTP {err.code}"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _check_reachable(address: str) -> None:

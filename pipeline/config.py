@@ -47,6 +47,7 @@ class DataConfig:
     timeout_s: float = 30.0
     # Synthetic generator (source: synthetic).
     seed: int = 0
+    synthetic_kind: str = "shapes"  # shapes | context (pipeline.fetch.synthetic_context)
     synthetic_train_images: int = 400
     synthetic_val_images: int = 100
     synthetic_width: int = 320
@@ -61,6 +62,8 @@ class DataConfig:
             raise ValueError(f"max_images: must be >= 1 or null, got {self.max_images}")
         if self.download_workers < 1 or self.retries < 0 or self.timeout_s <= 0:
             raise ValueError("download_workers must be >= 1, retries >= 0 and timeout_s > 0")
+        if self.synthetic_kind not in ("shapes", "context"):
+            raise ValueError(f"synthetic_kind: must be shapes or context, got {self.synthetic_kind!r}")
         if self.synthetic_train_images < 1 or self.synthetic_val_images < 1:
             raise ValueError("synthetic_train_images and synthetic_val_images: must be >= 1")
         if min(self.synthetic_width, self.synthetic_height) < 64:

@@ -21,10 +21,16 @@ Run (dvc.yaml does this; paths are arguments, settings come from params.yaml ``t
 * Resuming: checkpoints live in ``<storage path>/<run name>``; the run name is a hash of the
   model and training params and the data hash, so running the same config again (after a
   crash or a kill) resumes from its latest checkpoint, and a changed config starts fresh.
-* ``--no-ray`` runs the same loop in this process (debugging, profiling).
+* Object storage: ``--storage-path s3://bucket/runs`` keeps the checkpoints in a bucket
+  (`pipeline.storage`); credentials and endpoint come from the environment of the driver and of
+  every node (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``,
+  ``AWS_ENDPOINT_URL`` for an S3-compatible server).
+* ``--no-ray`` runs the same loop in this process (debugging, profiling); its checkpoints go to a
+  local folder, so it refuses a storage URI.
 * One live run per run name: a second one started while the first trains exits 2, naming the run
-  and its lock file ``<storage path>/<run name>.lock`` (`pipeline.train.run_lock`). A run that
-  fails is marked FAILED in MLflow.
+  and its lock file ``<storage path>/<run name>.lock`` (for a storage URI, a local file
+  ``runs/locks/<run name>.lock``: `pipeline.train.run_lock`). A run that fails is marked FAILED
+  in MLflow.
 * ``--status-dir`` makes each worker write ``rank<k>.json`` (pid, host, iteration, weights checksum).
 * MLflow: ``MLFLOW_TRACKING_URI``, else ``sqlite:///<project root>/mlflow.db``; experiment
   ``train.experiment``. An unreachable MLflow costs the logging, never the training.

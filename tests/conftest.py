@@ -3,6 +3,8 @@
 * The virtualenv's `bin/` goes first on PATH, so subprocesses (`ray`, `mlflow`, `dvc`,
   `python -m stages...`) use the same environment as pytest, activated or not.
 * `shared_data` gives `../shared/data` (real COCO samples) or skips with the reason.
+* `mlflow_server` and `s3_server`: a real MLflow tracking server and a real S3 server
+  (``moto_server``, tests/s3_server.py) on 127.0.0.1, one per session.
 """
 
 from __future__ import annotations
@@ -82,3 +84,21 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
                 os.killpg(server.pid, 9)
                 server.wait()
         log.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real S3 server (``moto_server``) on 127.0.0.1 with a bucket; yields a `tests.s3_server.S3Server`.
+
+    Its ``env`` (endpoint, test credentials, region) is what clients need: pass it to subprocesses,
+    or ``monkeypatch.setenv`` it. Skips when moto[server] is not installed.
+    """
+    from tests.s3_server import moto_server_command, start_s3_server
+
+    if moto_server_command() is None:
+        pytest.skip('moto[server] is not installed (pip install -e ".[dev]"): no S3 server to test against')
+    server = start_s3_server(tmp_path_factory.mktemp("s3-server"))
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -20,7 +20,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,13 +33,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from pipeline.ports import free_port
+
 START_TIMEOUT_S = 120
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -79,8 +74,8 @@ class LocalRayCluster:
             str(Path(sys.executable).parent / "ray"), "start", "--address", self.address, "--block",
             "--num-cpus", str(num_cpus), "--node-ip-address", "127.0.0.1", "--disable-usage-stats",
             "--temp-dir", str(temp_dir),
-            "--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port()),
-            "--runtime-env-agent-port", str(_free_port()), "--metrics-export-port", str(_free_port()),
+            "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+            "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()),
         ]  # fmt: skip
         log_path = temp_dir / "ray_start.log"
         with log_path.open("wb") as log:
@@ -134,15 +129,15 @@ def start_cluster(num_cpus: int = 2) -> LocalRayCluster:
     """Start a head node and wait until its dashboard answers."""
     # A short temp dir: Ray's unix sockets live under it and their paths are length-limited.
     temp_dir = Path(tempfile.mkdtemp(prefix="rayt", dir="/tmp"))
-    port, dashboard_port = _free_port(), _free_port()
+    port, dashboard_port = free_port(), free_port()
     command = [
         str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--port", str(port), "--num-cpus", str(num_cpus),
         "--node-ip-address", "127.0.0.1", "--temp-dir", str(temp_dir), "--include-dashboard", "true",
         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port), "--disable-usage-stats",
         # Ray's fixed default ports (e.g. the job agent's 52365) clash with other clusters on the machine.
-        "--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port()),
-        "--runtime-env-agent-port", str(_free_port()), "--metrics-export-port", str(_free_port()),
-        "--ray-client-server-port", str(_free_port()),
+        "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+        "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()),
+        "--ray-client-server-port", str(free_port()),
     ]  # fmt: skip
     log = (temp_dir / "ray_start.log").open("wb")
     token = secrets.token_hex(16)

@@ -49,11 +49,12 @@ from pipeline.dataset import read_data_hash
 from pipeline.evaluate.coco_eval import PROPOSAL_KEYS
 from pipeline.evaluate.stage import run_evaluate
 from pipeline.io import atomic_write_text
+from pipeline.storage import resolve_location
 from pipeline.tracking.run import TrackedRun, tracking_uri
 from pipeline.tracking.server import serve_sqlite
 from pipeline.train.init_weights import resolve_init_weights
 from pipeline.train.schedule import scaled_lr_steps
-from pipeline.train.stage import TrainOutputs, resolve_storage, run_name, train
+from pipeline.train.stage import TrainOutputs, run_name, train
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +284,7 @@ def run_ablation(
     data_root, work = Path(data_root).resolve(), Path(work).resolve()
     data_hash = read_data_hash(data_root)
     variants = plan_variants(params, data_hash)
-    storage = resolve_storage(str(work / "ray"))
+    storage = resolve_location(str(work / "ray"))
     parallel = min(params.ablate.parallel, len(variants)) if use_ray else 1
     if params.ablate.parallel > 1 and not use_ray:
         log.warning("ablate.parallel=%d ignored without Ray: one variant at a time", params.ablate.parallel)

@@ -1,5 +1,10 @@
 """The embedded default dataset: filled shapes at many scales, written as COCO.
 
+``data.synthetic_kind: shapes`` (the default) is described here; ``context`` (small objects
+whose class only their surroundings tell) is `pipeline.fetch.synthetic_context`, drawn with
+this module's primitives (`background`, `make_shape`, `paint`) and written by the same
+`generate_synthetic`.
+
 A deterministic generator (numpy + PIL only) for trying the whole pipeline in minutes on a
 CPU. Each image is a textured, noisy background with 0..~9 filled shapes of three classes:
 
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import colorsys
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,13 +80,17 @@ class Shape:
         return float(x1), float(y1), float(x2), float(y2)
 
 
+DrawImage = Callable[[np.random.Generator, int, int], tuple[np.ndarray, list[Shape]]]
+
+
 def generate_synthetic(cfg: DataConfig, out: str | Path, *, progress: bool = True) -> None:
     """Write the COCO layout (``annotations/instances_<split>.json``, ``<split>/*.jpg``) under ``out``.
 
-    Reads data.seed, data.train_split / val_split, data.synthetic_train_images /
+    Reads data.seed, data.synthetic_kind, data.train_split / val_split, data.synthetic_train_images /
     synthetic_val_images and data.synthetic_width / synthetic_height.
     """
     out = Path(out)
+    categories, draw = synthetic_kind(cfg.synthetic_kind)
     splits = ((cfg.train_split, cfg.synthetic_train_images), (cfg.val_split, cfg.synthetic_val_images))
     for split_index, (split, count) in enumerate(splits):
         folder = image_dir(out, split)
@@ -91,7 +101,7 @@ def generate_synthetic(cfg: DataConfig, out: str | Path, *, progress: bool = Tru
             rng = np.random.default_rng([cfg.seed, split_index, i])
             image_id = split_index * 1_000_000 + i + 1
             file_name = f"{image_id:012d}.jpg"
-            pixels, shapes = draw_image(rng, cfg.synthetic_width, cfg.synthetic_height)
+            pixels, shapes = draw(rng, cfg.synthetic_width, cfg.synthetic_height)
             Image.fromarray(pixels).save(folder / file_name, quality=JPEG_QUALITY)
             images.append(
                 {
@@ -104,11 +114,11 @@ def generate_synthetic(cfg: DataConfig, out: str | Path, *, progress: bool = Tru
             )
             for shape in shapes:
                 annotations.append(
-                    _annotation(shape, image_id, split_index * 10_000_000 + len(annotations) + 1)
+                    _annotation(shape, categories, image_id, split_index * 10_000_000 + len(annotations) + 1)
                 )
         coco = {
             "info": {
-                "description": "FPN pipeline synthetic shapes",
+                "description": f"FPN pipeline synthetic data ({cfg.synthetic_kind})",
                 "version": "1.0",
                 "year": 2017,
                 "contributor": "pipeline.fetch.synthetic",
@@ -117,14 +127,28 @@ def generate_synthetic(cfg: DataConfig, out: str | Path, *, progress: bool = Tru
             "licenses": [LICENSE],
             "images": images,
             "annotations": annotations,
-            "categories": [dict(c) for c in CATEGORIES],
+            "categories": [dict(c) for c in categories],
         }
         write_json(annotation_path(out, split), coco)
 
 
-def _annotation(shape: Shape, image_id: int, ann_id: int) -> dict[str, Any]:
+def synthetic_kind(kind: str) -> tuple[tuple[dict[str, Any], ...], DrawImage]:
+    """The categories and the image drawer of ``data.synthetic_kind``: ``shapes`` (this module,
+    the default) or ``context`` (`pipeline.fetch.synthetic_context`)."""
+    if kind == "context":
+        from pipeline.fetch import synthetic_context  # it builds on this module's drawing
+
+        return synthetic_context.CATEGORIES, synthetic_context.draw_image
+    if kind == "shapes":
+        return CATEGORIES, draw_image
+    raise ValueError(f"data.synthetic_kind: must be shapes or context, got {kind!r}")
+
+
+def _annotation(
+    shape: Shape, categories: tuple[dict[str, Any], ...], image_id: int, ann_id: int
+) -> dict[str, Any]:
     x1, y1, x2, y2 = shape.box
-    category_id = next(c["id"] for c in CATEGORIES if c["name"] == shape.name)
+    category_id = next(c["id"] for c in categories if c["name"] == shape.name)
     return {
         "id": ann_id,
         "image_id": image_id,
@@ -138,15 +162,15 @@ def _annotation(shape: Shape, image_id: int, ann_id: int) -> dict[str, Any]:
 
 def draw_image(rng: np.random.Generator, width: int, height: int) -> tuple[np.ndarray, list[Shape]]:
     """One image (uint8 ``(H, W, 3)``) and the shapes drawn on it."""
-    canvas = _background(rng, width, height)
+    canvas = background(rng, width, height)
     shapes = [] if rng.random() < EMPTY_FRACTION else _place_shapes(rng, width, height)
     for shape in shapes:
-        _paint(canvas, shape, _visible_colour(rng, shape, canvas))
+        paint(canvas, shape, visible_colour(rng, shape, canvas))
     canvas += rng.normal(0.0, 6.0, canvas.shape)
     return np.clip(canvas, 0, 255).astype(np.uint8), shapes
 
 
-def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+def background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
     """Low-saturation base colour, smooth blotches, and faint distractor outlines; float (H, W, 3)."""
     base = np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.0, 0.3), rng.uniform(0.3, 0.8))) * 255
     grid = rng.normal(0.0, 22.0, (height // 24 + 2, width // 24 + 2, 3)).astype(np.float32)
@@ -187,21 +211,21 @@ def _place_shapes(rng: np.random.Generator, width: int, height: int) -> list[Sha
             size = math.exp(rng.uniform(math.log(low), math.log(high)))
             name = CATEGORIES[int(rng.integers(len(CATEGORIES)))]["name"]
             for _attempt in range(30):
-                shape = _make_shape(rng, name, size, rng.uniform(0, width), rng.uniform(0, height))
+                shape = make_shape(rng, name, size, rng.uniform(0, width), rng.uniform(0, height))
                 x1, y1, x2, y2 = shape.box
                 inside = x1 >= 1 and y1 >= 1 and x2 <= width - 1 and y2 <= height - 1
-                if inside and not any(_near(shape.box, other, 2.0) for other in boxes):
+                if inside and not any(boxes_near(shape.box, other, 2.0) for other in boxes):
                     boxes.append(shape.box)
                     shapes.append(shape)
                     break
     return shapes
 
 
-def _near(a: tuple[float, ...], b: tuple[float, ...], gap: float) -> bool:
+def boxes_near(a: tuple[float, ...], b: tuple[float, ...], gap: float) -> bool:
     return a[0] < b[2] + gap and b[0] < a[2] + gap and a[1] < b[3] + gap and b[1] < a[3] + gap
 
 
-def _make_shape(rng: np.random.Generator, name: str, size: float, cx: float, cy: float) -> Shape:
+def make_shape(rng: np.random.Generator, name: str, size: float, cx: float, cy: float) -> Shape:
     """A shape whose tight box has longer side ``size``, centred near ``(cx, cy)``."""
     if name == "circle":
         angles = np.linspace(0, 2 * math.pi, 32, endpoint=False)
@@ -223,7 +247,7 @@ def _make_shape(rng: np.random.Generator, name: str, size: float, cx: float, cy:
     return Shape(name, polygon, area)
 
 
-def _visible_colour(rng: np.random.Generator, shape: Shape, canvas: np.ndarray) -> np.ndarray:
+def visible_colour(rng: np.random.Generator, shape: Shape, canvas: np.ndarray) -> np.ndarray:
     """A `_colour` that differs from the background under the shape by at least MIN_CONTRAST (a few tries)."""
     x1, y1, x2, y2 = (int(v) for v in shape.box)
     background = canvas[y1 : y2 + 1, x1 : x2 + 1].reshape(-1, 3).mean(0)
@@ -240,7 +264,7 @@ def _colour(rng: np.random.Generator, name: str) -> np.ndarray:
     return np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.45, 1.0), rng.uniform(0.45, 1.0))) * 255
 
 
-def _paint(canvas: np.ndarray, shape: Shape, colour: np.ndarray) -> None:
+def paint(canvas: np.ndarray, shape: Shape, colour: np.ndarray) -> None:
     """Alpha-blend the antialiased shape into ``canvas`` (float (H, W, 3)) in place."""
     x1, y1, x2, y2 = shape.box
     left, top = int(math.floor(x1)), int(math.floor(y1))

@@ -25,7 +25,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from pathlib import Path
 
 import psutil
 
+from pipeline.ports import free_port
 from pipeline.tracking.run import TRACKING_URI_ENV
 from pipeline.tracking.store import prepare_store
 
@@ -65,12 +65,6 @@ class _Server:
 
     def log_tail(self) -> str:
         return self.log_path.read_text(errors="replace")[-2000:]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -169,7 +163,7 @@ def _start(uri: str, root: Path) -> _Server:
     deadline = time.monotonic() + START_TIMEOUT_S
     clashes: list[str] = []
     for _ in range(START_ATTEMPTS):
-        server = _launch(uri, root, _free_port())
+        server = _launch(uri, root, free_port())
         try:
             _wait_serving(server, uri, deadline)
         except PortTaken as err:

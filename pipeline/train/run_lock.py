@@ -9,8 +9,10 @@ training and holds it to the end; a second driver of the same name is refused at
 the holder dies (even by SIGKILL), so a crashed run never blocks the next one; the file itself
 stays (deleting a lock file others may be waiting on is racy) and holds the holder's pid and host.
 
-Local storage only: see `lock_path` for storage URIs (``s3://...``). On NFS, Linux emulates
-``flock`` with NFS byte-range locks, which hold across the machines that mount it.
+For a folder (local or NFS) the lock file sits in the storage itself; on NFS, Linux emulates
+``flock`` with NFS byte-range locks, which hold across the machines that mount it. Object storage
+(``s3://...``) has no such lock, so for a storage URI the lock is a local file instead (see
+`lock_path`): nothing is ever written into the bucket for it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.provenance import project_root
+from pipeline.storage import is_uri
 
 LOCK_SUFFIX = ".lock"
 
@@ -33,7 +36,7 @@ class RunLockedError(RuntimeError):
 
 def lock_path(storage: str, name: str) -> Path:
     """The lock file of run ``name`` whose Ray Train storage is ``storage`` (a path or a URI)."""
-    if "://" in storage:
+    if is_uri(storage):
         # Object storage (s3://, gs://, ...) offers no lock that a process holds for its lifetime
         # and loses when it dies, so the lock is a file on this machine instead, under
         # <project>/runs/locks/. It refuses a second run of the name started from this machine

@@ -13,6 +13,8 @@
    No MLflow model is logged here: the run's one model is the pyfunc stage evaluate logs
    (`pipeline.tracking.pyfunc`), and nothing is pickled.
 
+``storage_path`` is a folder or an object-store URI (``s3://bucket/runs``, `pipeline.storage`);
+a URI needs Ray (``use_ray=False`` keeps checkpoints in a local folder and refuses one).
 Steps 3 and 4 hold the run's lock (`pipeline.train.run_lock`): a second live run of the same name
 is refused with `RunLockedError`. Every MLflow run this driver's training opens is tagged
 ``train_driver=<host>:<pid>:<random>``; when training or writing the outputs raises (Ctrl-C
@@ -47,6 +49,7 @@ from pipeline.dataset import DatasetError, read_categories, read_data_hash
 from pipeline.io import atomic_write_text
 from pipeline.model_file import save_model_file
 from pipeline.provenance import git_commit
+from pipeline.storage import is_uri, resolve_location
 from pipeline.tracking.run import TrackedRun, fail_running_runs, flatten, tracking_uri
 from pipeline.train.checkpoint import Progress, history_rows
 from pipeline.train.init_weights import resolve_init_weights
@@ -84,13 +87,6 @@ def run_name(params: Params, data_hash: str) -> str:
     return f"fpn-{digest[:12]}"
 
 
-def resolve_storage(storage_path: str) -> str:
-    """Ray storage as Ray wants it: local paths absolute; URIs (``s3://bucket/runs``) unchanged."""
-    if "://" in storage_path:
-        return storage_path
-    return str(Path(storage_path).expanduser().resolve())
-
-
 def train(
     params: Params,
     data_root: str | Path,
@@ -107,6 +103,11 @@ def train(
     """
     started = time.perf_counter()
     check_train_params(params)
+    if not use_ray and is_uri(storage_path):
+        raise ConfigError(
+            f"--storage-path {storage_path}: without Ray (--no-ray) checkpoints go to a local folder; "
+            "give a folder, or drop --no-ray to keep them in object storage"
+        )
     data_root = Path(data_root).resolve()
     if not data_root.is_dir():
         raise DatasetError(
@@ -116,7 +117,7 @@ def train(
     check_num_classes(params, categories, f"{data_root / 'categories.json'}")
     data_hash = read_data_hash(data_root)
     name = run_name(params, data_hash)
-    storage = resolve_storage(storage_path)
+    storage = resolve_location(storage_path)
     uri = tracking_uri()
     driver = (DRIVER_TAG, f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
     job = TrainJob(

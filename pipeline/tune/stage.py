@@ -56,13 +56,13 @@ from pipeline.config import ConfigError, Params, TuneConfig, params_from_dict
 from pipeline.dataset import SPLIT_FILE, read_categories, read_data_hash
 from pipeline.io import atomic_write_text
 from pipeline.provenance import git_commit, project_root
+from pipeline.storage import join_location, resolve_location
 from pipeline.tracking.run import TrackedRun, flatten, tracking_uri
 from pipeline.tracking.server import serve_sqlite
 from pipeline.train.init_weights import resolve_init_weights
 from pipeline.train.loop import TrainJob
 from pipeline.train.preflight import check_num_classes, check_train_params
 from pipeline.train.ray_train import build_trainer
-from pipeline.train.stage import resolve_storage
 from pipeline.train.validation import ValidationSpec
 from pipeline.tune.results import (
     TuneError,
@@ -320,7 +320,7 @@ def _run_trials(
             git_commit=git_commit(),
             tracking_uri=trial_uri if parent.run_id else None,
             parent_run_id=parent.run_id,
-            train_storage=f"{storage.rstrip('/')}/{name}/train",
+            train_storage=join_location(storage, name, "train"),
             init_weights_file=resolve_init_weights(params),
         )
         ledger = TrialLedger()
@@ -369,7 +369,7 @@ def tune_sweep(
     cfg = params.tune
     data_root = Path(data_root).resolve()
     space, data_hash = _check_sweep_inputs(params, raw_params, data_root)
-    storage = resolve_storage(storage_path)
+    storage = resolve_location(storage_path)
     name = sweep_name(params, data_hash)
     where = cluster.connect()
     cluster.check_tracking_reachable(tracking_uri(), cluster.node_count(), where)
@@ -395,6 +395,6 @@ def tune_sweep(
     return {
         "sweep": name, "trials": len(rows), **counts, "best_trial_id": best["trial_id"], "best": sample,
         "metric": cfg.metric, "value": best[cfg.metric], "mlflow_parent_run_id": parent.run_id,
-        "storage": f"{storage.rstrip('/')}/{name}", "wall_time_s": round(time.perf_counter() - started, 1),
+        "storage": join_location(storage, name), "wall_time_s": round(time.perf_counter() - started, 1),
         "set_param_args": set_param_args(sample),
     }  # fmt: skip

@@ -40,7 +40,7 @@ def test_a_taken_dashboard_port_is_retried_on_another(monkeypatch: pytest.Monkey
     ray = pytest.importorskip("ray")
     monkeypatch.delenv(cluster.ADDRESS_ENV, raising=False)
     picked: list[int] = []
-    fresh_port = cluster._free_port
+    fresh_port = cluster.free_port
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -49,7 +49,7 @@ def test_a_taken_dashboard_port_is_retried_on_another(monkeypatch: pytest.Monkey
             picked.append(int(taken.getsockname()[1]) if not picked else fresh_port())
             return picked[-1]
 
-        monkeypatch.setattr(cluster, "_free_port", port_picker)
+        monkeypatch.setattr(cluster, "free_port", port_picker)
         with cluster.connected(log_to_driver=False) as where:
             assert where == "a local Ray cluster"
             assert len(picked) == 2, picked

@@ -56,7 +56,7 @@ def test_a_taken_first_port_is_retried_on_another_and_the_server_is_ours(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, occupant: contextlib.AbstractContextManager
 ) -> None:
     picked: list[int] = []
-    fresh_port = server._free_port
+    fresh_port = server.free_port
 
     with occupant() as taken:  # type: ignore[operator]
 
@@ -64,7 +64,7 @@ def test_a_taken_first_port_is_retried_on_another_and_the_server_is_ours(
             picked.append(taken if not picked else fresh_port())
             return picked[-1]
 
-        monkeypatch.setattr(server, "_free_port", port_picker)
+        monkeypatch.setattr(server, "free_port", port_picker)
         store = f"sqlite:///{tmp_path / 'mlflow.db'}"
         with server.serve_sqlite(store, artifact_root=tmp_path / "mlruns") as served:
             assert picked[0] == taken and len(picked) == 2, picked

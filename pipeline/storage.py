@@ -1,0 +1,98 @@
+"""Ray storage locations: a local folder or an object-store URI, told apart and opened in one place.
+
+``--storage-path`` (stages train and tune) is where Ray Train and Tune keep checkpoints. It is
+either a folder (local disk, or NFS every node mounts at the same path) or a URI such as
+``s3://bucket/runs``. A URI must never go through `pathlib.Path`: ``Path("s3://b/runs")`` is
+``s3:/b/runs`` and ``.resolve()`` turns it into a folder under the working directory. Every
+caller that touches a storage location uses these helpers instead:
+
+* `is_uri` -- ``scheme://...`` (``s3://``, ``gs://``, ...);
+* `resolve_location` -- the location as Ray wants it: a folder made absolute, a URI unchanged;
+* `join_location` -- a location below another, for both kinds;
+* `filesystem_for` -- ``(pyarrow FileSystem, path inside it)``, through
+  ``pyarrow.fs.FileSystem.from_uri``, the call Ray Train makes for its ``storage_path``: what
+  works here works for Ray;
+* `location_exists`, `write_empty_file`, `remove_file` -- the few operations the cluster preflight needs.
+
+S3 credentials and endpoint come only from the environment, as for every AWS client:
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION`` and, for an
+S3-compatible server (MinIO, moto), ``AWS_ENDPOINT_URL``; never from params or code. On a
+cluster, every node needs them in the environment of its Ray processes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_uri(location: str) -> bool:
+    """True for ``scheme://...`` (object storage), False for a local or NFS path."""
+    return bool(_SCHEME.match(location))
+
+
+def resolve_location(location: str) -> str:
+    """Ray's form of ``location``: a path expanded (``~``) and made absolute; a URI unchanged."""
+    if is_uri(location):
+        return location
+    return str(Path(location).expanduser().resolve())
+
+
+def join_location(location: str, *parts: str) -> str:
+    """``location/part/...`` for a path or a URI (a URI keeps its scheme and ``//``)."""
+    if is_uri(location):
+        return "/".join([location.rstrip("/"), *(p.strip("/") for p in parts)])
+    return str(Path(location, *parts))
+
+
+def filesystem_for(location: str) -> tuple[Any, str]:
+    """``(pyarrow.fs.FileSystem, path inside it)`` for a URI or a local path.
+
+    URIs go through ``pyarrow.fs.FileSystem.from_uri``, as Ray's do: for ``s3://`` it reads the
+    AWS variables named in the module docstring, ``AWS_ENDPOINT_URL`` included (a bare
+    ``pyarrow.fs.S3FileSystem()`` would not).
+    """
+    import pyarrow.fs  # lazy: the local-path callers never need it
+
+    if is_uri(location):
+        return pyarrow.fs.FileSystem.from_uri(location)
+    return pyarrow.fs.LocalFileSystem(), str(Path(location).expanduser().resolve())
+
+
+def location_exists(location: str) -> bool:
+    """Whether a file or folder (for object stores: an object or prefix) is at ``location``."""
+    if not is_uri(location):
+        return os.path.exists(location)
+    import pyarrow.fs
+
+    fs, path = filesystem_for(location)
+    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+
+def write_empty_file(location: str) -> None:
+    """Write an empty file (object) at ``location``; its folder must exist for a local path."""
+    if not is_uri(location):
+        Path(location).write_bytes(b"")
+        return
+    fs, path = filesystem_for(location)
+    with fs.open_output_stream(path):
+        pass
+
+
+def remove_file(location: str) -> None:
+    """Delete the file (object) at ``location``; nothing when it is already gone.
+
+    In object storage pyarrow leaves an empty marker object for the parent "folder" (``runs/``).
+    """
+    if not is_uri(location):
+        Path(location).unlink(missing_ok=True)
+        return
+    import pyarrow.fs
+
+    fs, path = filesystem_for(location)
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
+        fs.delete_file(path)
