@@ -49,7 +49,7 @@ def test_two_trials_best_params_csv_and_mlflow_children(
     ray_cluster: LocalRayCluster,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    data = tiny_data(tmp_path / "data", train_images=12, val_images=4, **SIZES)
+    data = tiny_data(tmp_path / "data", train_images=12, val_images=4)
     params = sweep_params(tmp_path / "params.yaml")
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     started = time.perf_counter()
