@@ -89,7 +89,8 @@ class PreprocessConfig:
     # reported. COCO's largest is 640x640 (0.4 Mpx); 50 Mpx is ~150 MB decoded. PIL refuses
     # images over ~179 Mpx (its decompression-bomb limit) whatever this says.
     max_pixels: int = 50_000_000
-    # Ray tasks on the cluster at RAY_ADDRESS (a local one if unset); RAY_ADDRESS alone also does.
+    # Ray tasks on the cluster at RAY_ADDRESS (a local one if unset). RAY_ADDRESS alone does not
+    # switch: the images travel to the tasks and back, which local processes on a big head avoid.
     use_ray: bool = False
 
     def __post_init__(self) -> None:

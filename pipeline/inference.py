@@ -178,7 +178,9 @@ def _predict_on_ray(
         task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=2)(_predict_shard)
         model_ref = ray.put(model_file.read_bytes())
         shards = [entries[i::num_workers] for i in range(num_workers) if entries[i::num_workers]]
-        pending = [task.remote(model_ref, str(split_dir), shard, batch_size) for shard in shards]
+        # Absolute: a task's working directory is Ray's copy of the code (pipeline.runtime_env).
+        images = str(split_dir.resolve())
+        pending = [task.remote(model_ref, images, shard, batch_size) for shard in shards]
         detections: list[ImageDetections] = []
         model_seconds = 0.0
         with tqdm(total=len(entries), desc=f"evaluate ({len(shards)} Ray workers)", unit="img") as bar:

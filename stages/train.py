@@ -7,9 +7,11 @@ Run (dvc.yaml does this; paths are arguments, settings come from params.yaml ``t
         --model-out models/model.pt --metrics metrics/train.json --plots plots/train_loss.csv \\
         [--storage-path DIR_OR_URI] [--no-ray] [--status-dir DIR]
 
-* Ray: joins the cluster named by ``RAY_ADDRESS`` (``ray job submit`` sets it), else starts a
-  local one. ``train.num_workers`` workers with ``train.cpus_per_worker`` CPUs each; with
-  ``train.use_gpu: true`` one GPU per worker, DDP over NCCL and ``train.amp`` mixed precision.
+* Ray: joins the cluster named by ``RAY_ADDRESS`` (``ray job submit`` sets it), shipping the
+  project's code to its nodes unless it runs in a job's working dir already
+  (`pipeline.runtime_env`), else starts a local one. ``train.num_workers`` workers with
+  ``train.cpus_per_worker`` CPUs each; with ``train.use_gpu: true`` one GPU per worker, DDP over
+  NCCL and ``train.amp`` mixed precision.
   On a cluster, submit from the project root and give absolute output paths on shared storage
   (a job's working dir is a temporary copy)::
 

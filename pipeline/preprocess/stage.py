@@ -27,11 +27,16 @@ Grayscale/CMYK/16-bit images are converted, not skipped.
 
 A worker process that dies (e.g. killed for memory) raises `PreprocessCrash`, naming the
 images it may have held and how to rerun; nothing is written.
+
+Where it runs: ``preprocess.workers`` local processes, or Ray tasks when ``preprocess.use_ray``
+is true (on the cluster at ``RAY_ADDRESS``, else a local one); ``RAY_ADDRESS`` alone does not
+switch. The choice is logged, naming ``RAY_ADDRESS`` when it is set and not used.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,8 +50,10 @@ from pipeline.cluster import available_cores
 from pipeline.coco_format import annotation_path, image_dir, read_coco, write_json
 from pipeline.config import PreprocessConfig
 from pipeline.io import atomic_directory, check_output_folder
-from pipeline.preprocess.parallel import WorkerDied, ordered_map, use_ray_requested
+from pipeline.preprocess.parallel import WorkerDied, describe_backend, ordered_map
 from pipeline.preprocess.prepare_image import ImageTask, ObjectBox, ResizeSpec, prepare_chunk, problem
+
+log = logging.getLogger(__name__)
 
 MAX_LISTED_PROBLEMS = 10_000  # report.json lists at most this many; the counts stay complete
 SHOWN_IN_FLIGHT = 50  # images named when a worker dies; the dead one held one of the first chunks
@@ -89,7 +96,8 @@ def preprocess_dataset(
     """Write the preprocessed format for ``splits`` of ``coco_root`` into ``out`` (see the module docstring).
 
     Reads preprocess.workers, preprocess.jpeg_quality, preprocess.max_pixels, preprocess.use_ray
-    (and RAY_ADDRESS); ``min_size``/``max_size`` are the model's.
+    (Ray tasks at RAY_ADDRESS only when true; the choice is logged); ``min_size``/``max_size``
+    are the model's.
     """
     coco_root = Path(coco_root)
     check_output_folder(out, "preprocess", force=force, inputs=[coco_root])  # before any work
@@ -97,7 +105,9 @@ def preprocess_dataset(
     categories = contiguous_categories({annotation_path(coco_root, s): c for s, c in cocos.items()})
     spec = ResizeSpec(min_size, max_size, cfg.jpeg_quality, cfg.max_pixels)
     workers = cfg.workers or available_cores()
-    use_ray = use_ray_requested(cfg.use_ray)
+    use_ray = cfg.use_ray
+    hint = "" if use_ray else " (preprocess.use_ray: true runs it as Ray tasks)"
+    log.info("preprocess: %s%s", describe_backend(use_ray, workers), hint)
     counts: dict[str, dict[str, int]] = {}
     problems: list[dict[str, str]] = []
     digest = hashlib.sha256()
