@@ -1,7 +1,9 @@
 """The one Ray connection, and whether a request fits the cluster.
 
 * `connect()` joins the cluster named by ``RAY_ADDRESS`` (``ray job submit`` sets it), else
-  starts a local one. Every stage connects through here, so they all behave alike: a
+  starts a local one. Joining a cluster ships the project's code to its nodes as Ray's
+  ``working_dir`` (`pipeline.runtime_env`), unless the process already runs in a Ray job's
+  working dir. Every stage connects through here, so they all behave alike: a
   ``host:port`` address nothing listens on fails at once (Ray itself retries for minutes),
   and a local cluster's processes know its dashboard address (Ray Train's placement-group
   cleaner reaches the state API through it; without it, with more than one Ray cluster on the
@@ -44,6 +46,7 @@ import psutil
 
 from pipeline.config import ConfigError, Params
 from pipeline.ports import free_port
+from pipeline.runtime_env import code_runtime_env
 from pipeline.storage import is_uri, join_location, location_exists, remove_file, write_empty_file
 
 log = logging.getLogger(__name__)
@@ -70,9 +73,10 @@ def available_cores() -> int:
 def connect(*, log_to_driver: bool = True, dashboard: bool = True) -> str:
     """Join ``RAY_ADDRESS``'s cluster, else start a local one; return where, for messages.
 
-    A process already connected stays on its cluster. ``log_to_driver`` forwards the workers'
-    output to this process; ``dashboard`` (local clusters only) starts the dashboard on
-    127.0.0.1 at a free port.
+    A process already connected stays on its cluster. Joining ``RAY_ADDRESS``'s cluster ships
+    the project (`pipeline.runtime_env.code_runtime_env`); a local cluster needs no shipping.
+    ``log_to_driver`` forwards the workers' output to this process; ``dashboard`` (local
+    clusters only) starts the dashboard on 127.0.0.1 at a free port.
     """
     import ray
 
@@ -83,7 +87,14 @@ def connect(*, log_to_driver: bool = True, dashboard: bool = True) -> str:
     try:
         if address:
             _check_reachable(address)
-            ray.init(address=address, log_to_driver=log_to_driver)
+            runtime_env = code_runtime_env()
+            if runtime_env:
+                log.info(
+                    "shipping the project at %s to %s (Ray runtime_env working_dir)",
+                    runtime_env["working_dir"],
+                    where,
+                )
+            ray.init(address=address, log_to_driver=log_to_driver, runtime_env=runtime_env)
         elif dashboard:
             _start_with_dashboard(log_to_driver=log_to_driver)
         else:

@@ -3,7 +3,9 @@
 Each top-level section of `params.yaml` maps to one frozen dataclass below (`model:` maps to
 `fpn.ModelConfig`). Unknown or mistyped keys raise `ConfigError` naming the key, e.g.
 ``params.yaml: train.lrr: unknown key``. Paths are *not* params: they are given on each
-stage's command line in `dvc.yaml`.
+stage's command line in `dvc.yaml`. The one exception is section `storage:`, where Ray keeps its
+runs: not a DVC output but state that outlives runs (like the MLflow store), often a bucket, and
+a setting a user changes per machine or cluster (`StorageConfig`).
 
 Conventions:
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -89,7 +92,8 @@ class PreprocessConfig:
     # reported. COCO's largest is 640x640 (0.4 Mpx); 50 Mpx is ~150 MB decoded. PIL refuses
     # images over ~179 Mpx (its decompression-bomb limit) whatever this says.
     max_pixels: int = 50_000_000
-    # Ray tasks on the cluster at RAY_ADDRESS (a local one if unset); RAY_ADDRESS alone also does.
+    # Ray tasks on the cluster at RAY_ADDRESS (a local one if unset). RAY_ADDRESS alone does not
+    # switch: the images travel to the tasks and back, which local processes on a big head avoid.
     use_ray: bool = False
 
     def __post_init__(self) -> None:
@@ -104,9 +108,9 @@ class PreprocessConfig:
 
 
 AMP_MODES = ("bf16", "fp16", "off")
-# Keys that were params once and are paths now, given on the stage's command line in dvc.yaml.
-MOVED_TO_COMMAND_LINE = {
-    "TrainConfig.storage_path": "give it as --storage-path on the train stage's command line (dvc.yaml)",
+# Keys that moved: where each one lives now.
+MOVED_KEYS = {
+    "TrainConfig.storage_path": "it is storage.train now (section storage:)",
 }
 
 
@@ -317,6 +321,56 @@ class AblateConfig:
             raise ValueError("experiment: must name an MLflow experiment")
 
 
+# URI schemes pyarrow's ``FileSystem.from_uri`` opens, the call Ray makes for a storage path.
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")
+
+
+def check_storage_location(location: str) -> None:
+    """Raise `ValueError` unless ``location`` is a folder or a URI Ray can keep runs in.
+
+    A folder is any non-empty path (relative ones are under the project root); a URI is
+    ``<scheme>://<rest>`` with a scheme of `STORAGE_SCHEMES`. ``s3:/bucket`` (one slash, what
+    ``pathlib`` makes of a URI) is refused rather than taken for a folder named ``s3:``.
+    """
+    if not location.strip() or location != location.strip():
+        raise ValueError(f"expected a folder or a URI without surrounding spaces, got {location!r}")
+    scheme, sep, rest = location.partition("://")
+    if sep:
+        # file:///abs/path has an empty host; every other scheme names its bucket (host) first.
+        named = rest.strip("/") if scheme.lower() == "file" else rest.split("/", 1)[0]
+        if scheme.lower() not in STORAGE_SCHEMES or not named:
+            raise ValueError(
+                f"expected a folder or <scheme>://<bucket>/<prefix> with a scheme of "
+                f"{', '.join(STORAGE_SCHEMES)}, got {location!r}"
+            )
+    elif re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:/", location):
+        raise ValueError(
+            f"{location!r} looks like a URI with one slash: write {location.split(':', 1)[0]}://..."
+        )
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Section `storage:`: where Ray Train and Tune keep their runs (checkpoints, trial state).
+
+    Each value is a folder (relative to the project root; on a cluster of several nodes, storage
+    every node mounts at the same path, e.g. NFS) or an object-store URI such as
+    ``s3://bucket/runs`` (`pipeline.storage`; credentials and endpoint from the ``AWS_*``
+    environment, never from here). Not DVC outputs: state that outlives runs, like the MLflow
+    store. A stage's ``--storage-path`` overrides its key for one run.
+    """
+
+    train: str = "runs/ray"  # stage train's Ray Train runs: <train>/<run name>/checkpoint_<iteration>
+    tune: str = "runs/tune"  # stage tune's sweeps: <tune>/<sweep name>/...
+
+    def __post_init__(self) -> None:
+        for key in ("train", "tune"):
+            try:
+                check_storage_location(getattr(self, key))
+            except ValueError as err:
+                raise ValueError(f"{key}: {err}") from None
+
+
 @dataclass(frozen=True)
 class Params:
     """The whole `params.yaml`."""
@@ -329,6 +383,7 @@ class Params:
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     ablate: AblateConfig = field(default_factory=AblateConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists), e.g. to log to MLflow or hash."""
@@ -407,9 +462,9 @@ def _section(cls: type, values: Any, where: str) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     for key in values:
         if key not in known:
-            moved = MOVED_TO_COMMAND_LINE.get(f"{cls.__name__}.{key}")
+            moved = MOVED_KEYS.get(f"{cls.__name__}.{key}")
             if moved:
-                raise ConfigError(f"{where}.{key}: a path, not a param: {moved}")
+                raise ConfigError(f"{where}.{key}: moved: {moved}")
             raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(sorted(known))})")
     typed = {key: _check_type(value, hints[key], f"{where}.{key}") for key, value in values.items()}
     try:

@@ -136,7 +136,7 @@ class SplitIndex:
 
 def read_index(root: str | Path, split: str) -> SplitIndex:
     """``<root>/<split>``'s split.json and index.parquet as a `SplitIndex`; `DatasetError` naming the file."""
-    folder = Path(root) / split
+    folder = Path(root).absolute() / split  # absolute: a Ray task runs in the shipped copy of the code
     meta = _read_json(folder / SPLIT_FILE)
     if not (
         isinstance(meta, dict)

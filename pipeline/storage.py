@@ -1,7 +1,7 @@
 """Ray storage locations: a local folder or an object-store URI, told apart and opened in one place.
 
-``--storage-path`` (stages train and tune) is where Ray Train and Tune keep checkpoints. It is
-either a folder (local disk, or NFS every node mounts at the same path) or a URI such as
+``storage.train`` / ``storage.tune`` in params.yaml (or a stage's ``--storage-path``) is where Ray
+Train and Tune keep checkpoints. It is either a folder (local disk, or NFS every node mounts at the same path) or a URI such as
 ``s3://bucket/runs``. A URI must never go through `pathlib.Path`: ``Path("s3://b/runs")`` is
 ``s3:/b/runs`` and ``.resolve()`` turns it into a folder under the working directory. Every
 caller that touches a storage location uses these helpers instead:

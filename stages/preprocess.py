@@ -10,9 +10,10 @@ COCO category ids to labels 1..K, and writes ``<out>/<split>/{shard-NNNNN.parque
 split.json}`` (preprocess.images_per_shard images a shard), ``categories.json``, ``report.json``
 (problems per file, counts) and ``manifest.json`` (``data_hash``); see `pipeline.preprocess.stage`
 and, for the format, `pipeline.dataset`. Images are not resized: the model does that. Runs on
-every core (preprocess.workers; 0 = all). On a Ray cluster: set ``preprocess.use_ray: true`` or
-``RAY_ADDRESS=ray://host:10001`` (images travel to the tasks as bytes, so nodes need the project
-installed but no shared filesystem). No GPU needed.
+every core (preprocess.workers; 0 = all). As Ray tasks: set ``preprocess.use_ray: true``, on
+the cluster at ``RAY_ADDRESS`` (else a local one); images travel to the tasks as bytes and the
+code travels with the job, so nodes need no shared filesystem. ``RAY_ADDRESS`` alone does not
+move this stage to the cluster; the first log line says where it runs. No GPU needed.
 
 Bad images and annotations are skipped and reported (an image over preprocess.max_pixels or
 whose size differs from its annotation's width/height is one); a malformed annotation file or
@@ -26,6 +27,7 @@ preprocess.{workers, jpeg_quality, max_pixels, images_per_shard, use_ray}.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from pipeline.cluster import ClusterError
@@ -57,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         params = load_params(args.params)
         summary = preprocess_dataset(

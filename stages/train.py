@@ -5,11 +5,13 @@ Run (dvc.yaml does this; paths are arguments, settings come from params.yaml ``t
 
     python -m stages.train --params params.yaml --data data/preprocessed \\
         --model-out models/model.pt --metrics metrics/train.json --plots plots/train_loss.csv \\
-        --storage-path runs/ray [--no-ray] [--status-dir DIR]
+        [--storage-path DIR_OR_URI] [--no-ray] [--status-dir DIR]
 
-* Ray: joins the cluster named by ``RAY_ADDRESS`` (``ray job submit`` sets it), else starts a
-  local one. ``train.num_workers`` workers with ``train.cpus_per_worker`` CPUs each; with
-  ``train.use_gpu: true`` one GPU per worker, DDP over NCCL and ``train.amp`` mixed precision.
+* Ray: joins the cluster named by ``RAY_ADDRESS`` (``ray job submit`` sets it), shipping the
+  project's code to its nodes unless it runs in a job's working dir already
+  (`pipeline.runtime_env`), else starts a local one. ``train.num_workers`` workers with
+  ``train.cpus_per_worker`` CPUs each; with ``train.use_gpu: true`` one GPU per worker, DDP over
+  NCCL and ``train.amp`` mixed precision.
   On a cluster, submit from the project root and give absolute output paths on shared storage
   (a job's working dir is a temporary copy)::
 
@@ -21,7 +23,8 @@ Run (dvc.yaml does this; paths are arguments, settings come from params.yaml ``t
 * Resuming: checkpoints live in ``<storage path>/<run name>``; the run name is a hash of the
   model and training params and the data hash, so running the same config again (after a
   crash or a kill) resumes from its latest checkpoint, and a changed config starts fresh.
-* Object storage: ``--storage-path s3://bucket/runs`` keeps the checkpoints in a bucket
+* Ray storage: ``storage.train`` in params.yaml (default ``runs/ray``), or ``--storage-path`` for
+  one run. ``storage.train: s3://bucket/runs`` keeps the checkpoints in a bucket
   (`pipeline.storage`); credentials and endpoint come from the environment of the driver and of
   every node (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``,
   ``AWS_ENDPOINT_URL`` for an S3-compatible server).
@@ -63,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plots", required=True, help="loss CSV to write (plots/train_loss.csv)")
     parser.add_argument(
         "--storage-path",
-        required=True,
-        help="Ray Train storage: a folder every node sees, or s3://bucket/path",
+        default=None,
+        help="Ray Train storage for this run, instead of params storage.train: a folder every node sees, "
+        "or s3://bucket/path",
     )
     parser.add_argument("--no-ray", action="store_true", help="run the loop in this process, without Ray")
     parser.add_argument("--status-dir", default=None, help="each worker writes rank<k>.json here")

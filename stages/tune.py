@@ -4,7 +4,7 @@ Run (dvc.yaml does this; settings come from params.yaml ``tune:``, and the ``tra
 values each trial starts from)::
 
     python -m stages.tune --params params.yaml --data data/preprocessed \\
-        --best-params params/best.yaml --results reports/tune.csv --storage-path runs/tune
+        --best-params params/best.yaml --results reports/tune.csv [--storage-path DIR_OR_URI]
 
 * The space is ``tune.space``: ``section.key`` of ``train:`` or ``model:`` -> ``{type:
   loguniform|uniform|randint|choice, ...}`` (see `pipeline.tune.search_space`); it is checked against
@@ -14,7 +14,9 @@ values each trial starts from)::
   (``val_ap50``) by its rank 0, on the device it trains on; ASHA stops weak trials early. ``tune.max_concurrent_trials`` trials run at
   once, each on ``train.num_workers`` workers of ``train.cpus_per_worker`` CPUs.
 * Ray: joins ``RAY_ADDRESS``'s cluster, else starts a local one. On a cluster, give absolute
-  output paths and a ``--storage-path`` on shared storage (see stages/train.py).
+  output paths and ``storage.tune`` (or ``--storage-path``) on shared storage (see stages/train.py).
+* Ray storage of the trials: ``storage.tune`` in params.yaml (default ``runs/tune``), a folder or
+  an ``s3://`` URI; ``--storage-path`` overrides it for one run.
 * MLflow: ``MLFLOW_TRACKING_URI``, else ``sqlite:///<project root>/mlflow.db``; one parent run for
   the sweep in ``train.experiment``, one child run per trial. A SQLite store is served by a
   local ``mlflow server`` (127.0.0.1) for the sweep so that parallel trials can write to it.
@@ -50,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", required=True, help="CSV to write, one row per trial")
     parser.add_argument(
         "--storage-path",
-        required=True,
-        help="Ray Tune/Train storage of the trials: a shared folder or s3:// URI",
+        default=None,
+        help="Ray Tune/Train storage of the trials for this run, instead of params storage.tune: "
+        "a shared folder or s3:// URI",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -99,3 +99,22 @@ def test_stage_paths_are_on_its_command_line(name: str) -> None:
     ]
     for out in outs:
         assert out in stage["cmd"], f"dvc.yaml stage {name}: output {out} is not on its command line"
+
+
+# Where Ray keeps its runs is a param (section storage:), read by these stages; not a path in dvc.yaml.
+RAY_STORAGE_PARAM = {"train": "storage.train", "tune": "storage.tune"}
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_ray_storage_comes_from_params_not_the_command_line(name: str) -> None:
+    """`dvc repro` honours params.yaml's storage: no stage pins it with --storage-path, and the stage
+    that reads it lists it, so changing it runs the stage again."""
+    stage = STAGES[name]
+    assert "--storage-path" not in stage["cmd"], f"dvc.yaml stage {name}: --storage-path overrides params"
+    params = stage.get("params", [])
+    if name in RAY_STORAGE_PARAM:
+        assert RAY_STORAGE_PARAM[name] in params, f"dvc.yaml stage {name}: list {RAY_STORAGE_PARAM[name]}"
+    else:
+        assert not any(str(p).startswith("storage") for p in params), (
+            f"dvc.yaml stage {name}: reads no storage"
+        )

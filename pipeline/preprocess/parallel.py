@@ -9,8 +9,9 @@ generator over data much larger than memory, e.g. the bytes of COCO's 118k image
   may use).
 * ``use_ray``: Ray tasks (one CPU each) on the cluster at ``RAY_ADDRESS``, or on the one
   this process already joined (``ray.init``), or on a new local one. ``fn`` and its
-  arguments travel by value, so the nodes need the project installed but no shared
-  filesystem: give ``fn`` bytes, not paths.
+  arguments travel by value and the code travels with the job (`pipeline.cluster.connect`),
+  so the nodes need no shared filesystem: give ``fn`` bytes, not paths. ``RAY_ADDRESS``
+  alone does not choose Ray: the caller does (`describe_backend` says which, for the log).
 
 A process-pool worker that dies (killed by the OOM killer, a crash in native code) raises
 `WorkerDied` carrying the chunks that were submitted and not finished, in submission order,
@@ -23,12 +24,12 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
-from pipeline.cluster import available_cores, connected
+from pipeline.cluster import ADDRESS_ENV, available_cores, connected
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -42,9 +43,25 @@ class WorkerDied(RuntimeError):
         self.chunks = chunks
 
 
-def use_ray_requested(flag: bool) -> bool:
-    """Ray is used when asked for in params, or when ``RAY_ADDRESS`` names a cluster."""
-    return flag or bool(os.environ.get("RAY_ADDRESS"))
+def describe_backend(use_ray: bool, workers: int, environ: Mapping[str, str] | None = None) -> str:
+    """Where `ordered_map` runs with ``use_ray`` and ``workers`` (0 = every core), in words for the log.
+
+    Names ``RAY_ADDRESS`` (from ``environ``, default ``os.environ``) either way, so a cluster
+    that is set but not used for this map is said, not silently ignored.
+    """
+    environ = os.environ if environ is None else environ
+    address = environ.get(ADDRESS_ENV, "").strip()
+    if use_ray:
+        return (
+            f"Ray tasks on the cluster at {ADDRESS_ENV}={address}"
+            if address
+            else "Ray tasks on a local Ray cluster"
+        )
+    workers = workers or available_cores()
+    where = "in this process" if workers == 1 else f"{workers} local processes"
+    if address:
+        where += f", not on the Ray cluster at {ADDRESS_ENV}={address}"
+    return where
 
 
 def ordered_map(

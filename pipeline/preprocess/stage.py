@@ -29,10 +29,15 @@ Grayscale/CMYK/16-bit/PNG images are converted to RGB JPEGs, not skipped.
 
 A worker process that dies (e.g. killed for memory) raises `PreprocessCrash`, naming the
 images it may have held and how to rerun; nothing is written.
+
+Where it runs: ``preprocess.workers`` local processes, or Ray tasks when ``preprocess.use_ray``
+is true (on the cluster at ``RAY_ADDRESS``, else a local one); ``RAY_ADDRESS`` alone does not
+switch. The choice is logged, naming ``RAY_ADDRESS`` when it is set and not used.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,9 +52,11 @@ from pipeline.coco_format import annotation_path, image_dir, read_coco, write_js
 from pipeline.config import PreprocessConfig
 from pipeline.dataset import SPLIT_FILE, files_sha256
 from pipeline.io import atomic_directory, check_output_folder
-from pipeline.preprocess.parallel import WorkerDied, ordered_map, use_ray_requested
+from pipeline.preprocess.parallel import WorkerDied, describe_backend, ordered_map
 from pipeline.preprocess.prepare_image import ImageSpec, ImageTask, ObjectBox, prepare_chunk, problem
 from pipeline.preprocess.shards import SplitWriter
+
+log = logging.getLogger(__name__)
 
 MAX_LISTED_PROBLEMS = 10_000  # report.json lists at most this many; the counts stay complete
 SHOWN_IN_FLIGHT = 50  # images named when a worker dies; the dead one held one of the first chunks
@@ -90,14 +97,18 @@ def preprocess_dataset(
     """Write the preprocessed format for ``splits`` of ``coco_root`` into ``out`` (see the module docstring).
 
     Reads every key of ``cfg`` (preprocess.workers, jpeg_quality, max_pixels, images_per_shard,
-    use_ray) and RAY_ADDRESS.
+    use_ray: Ray tasks at RAY_ADDRESS only when true; the choice is logged).
     """
     coco_root = Path(coco_root)
     check_output_folder(out, "preprocess", force=force, inputs=[coco_root])  # before any work
     cocos = {split: read_coco(annotation_path(coco_root, split)) for split in splits}
     categories = contiguous_categories({annotation_path(coco_root, s): c for s, c in cocos.items()})
-    run = _Run(ImageSpec(cfg.jpeg_quality, cfg.max_pixels), cfg.images_per_shard,
-               cfg.workers or available_cores(), use_ray_requested(cfg.use_ray), progress)  # fmt: skip
+    workers = cfg.workers or available_cores()
+    hint = "" if cfg.use_ray else " (preprocess.use_ray: true runs it as Ray tasks)"
+    log.info("preprocess: %s%s", describe_backend(cfg.use_ray, workers), hint)
+    run = _Run(
+        ImageSpec(cfg.jpeg_quality, cfg.max_pixels), cfg.images_per_shard, workers, cfg.use_ray, progress
+    )
     counts: dict[str, dict[str, int]] = {}
     problems: list[dict[str, str]] = []
     hashed: list[Path] = []

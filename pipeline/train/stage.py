@@ -13,8 +13,9 @@
    No MLflow model is logged here: the run's one model is the pyfunc stage evaluate logs
    (`pipeline.tracking.pyfunc`), and nothing is pickled.
 
-``storage_path`` is a folder or an object-store URI (``s3://bucket/runs``, `pipeline.storage`);
-a URI needs Ray (``use_ray=False`` keeps checkpoints in a local folder and refuses one).
+The Ray storage is ``params.storage.train``, or ``storage_path`` when given (``--storage-path``):
+a folder or an object-store URI (``s3://bucket/runs``, `pipeline.storage`); a URI needs Ray
+(``use_ray=False`` keeps checkpoints in a local folder and refuses one).
 Steps 3 and 4 hold the run's lock (`pipeline.train.run_lock`): a second live run of the same name
 is refused with `RunLockedError`. Every MLflow run this driver's training opens is tagged
 ``train_driver=<host>:<pid>:<random>``; when training or writing the outputs raises (Ctrl-C
@@ -92,20 +93,23 @@ def train(
     data_root: str | Path,
     outputs: TrainOutputs,
     *,
-    storage_path: str,
+    storage_path: str | None = None,
     use_ray: bool = True,
     status_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train, write ``outputs``, and return the metrics written to ``outputs.metrics``.
 
+    ``storage_path`` (the stage's ``--storage-path``) overrides ``params.storage.train``.
     Raises `ConfigError` for bad params and `DatasetError` naming ``data_root`` when it is not
     a folder written by stage preprocess, both before any work.
     """
     started = time.perf_counter()
     check_train_params(params)
+    source = "--storage-path" if storage_path is not None else "storage.train"
+    storage_path = storage_path if storage_path is not None else params.storage.train
     if not use_ray and is_uri(storage_path):
         raise ConfigError(
-            f"--storage-path {storage_path}: without Ray (--no-ray) checkpoints go to a local folder; "
+            f"{source} {storage_path}: without Ray (--no-ray) checkpoints go to a local folder; "
             "give a folder, or drop --no-ray to keep them in object storage"
         )
     data_root = Path(data_root).resolve()

@@ -1,6 +1,6 @@
 """Stage tune: a Ray Tune sweep over ``train:``/``model:`` keys, each trial a Ray Train run of the same loop.
 
-`tune_sweep(raw_params, data_root, outputs, storage_path=...)`:
+`tune_sweep(raw_params, data_root, outputs, storage_path=None)` (None: ``storage.tune``):
 
 1. checks ``tune:`` and its space (`pipeline.tune.search_space`) against the params, the data and
    the cluster before any work;
@@ -361,15 +361,18 @@ def tune_sweep(
     data_root: str | Path,
     outputs: TuneOutputs,
     *,
-    storage_path: str,
+    storage_path: str | None = None,
 ) -> dict[str, Any]:
-    """Run the sweep, write ``outputs``; returns a summary (best trial, counts, times, MLflow parent run)."""
+    """Run the sweep, write ``outputs``; returns a summary (best trial, counts, times, MLflow parent run).
+
+    ``storage_path`` (the stage's ``--storage-path``) overrides ``storage.tune`` of the params.
+    """
     started = time.perf_counter()
     params = params_from_dict(raw_params, where="params")
     cfg = params.tune
     data_root = Path(data_root).resolve()
     space, data_hash = _check_sweep_inputs(params, raw_params, data_root)
-    storage = resolve_location(storage_path)
+    storage = resolve_location(storage_path if storage_path is not None else params.storage.tune)
     name = sweep_name(params, data_hash)
     where = cluster.connect()
     cluster.check_tracking_reachable(tracking_uri(), cluster.node_count(), where)

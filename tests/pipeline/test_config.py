@@ -84,13 +84,48 @@ def test_values_are_checked_when_read_and_an_empty_file_is_an_error(tmp_path: Pa
         load_params(params)
 
 
-def test_a_path_that_was_a_param_says_where_it_went(tmp_path: Path) -> None:
+def test_a_key_that_moved_says_where_it_went(tmp_path: Path) -> None:
     params = tmp_path / "params.yaml"
     params.write_text("train:\n  storage_path: runs/ray\n")
-    with pytest.raises(
-        ConfigError, match=r"train\.storage_path: a path, not a param: give it as --storage-path"
-    ):
+    with pytest.raises(ConfigError, match=r"train\.storage_path: moved: it is storage\.train now"):
         load_params(params)
+
+
+def test_ray_storage_defaults_to_the_local_folders_of_the_repo_params() -> None:
+    """The default `dvc repro` keeps Ray's runs where it always did: runs/ray and runs/tune."""
+    assert Params().storage == load_params(REPO_ROOT / "params.yaml").storage
+    assert (Params().storage.train, Params().storage.tune) == ("runs/ray", "runs/tune")
+
+
+@pytest.mark.parametrize(
+    "location", ["runs/ray", "/shared/runs/ray", "s3://bkt/runs/ray", "s3://bkt", "gs://b/p", "file:///tmp/r"]
+)
+def test_ray_storage_takes_a_folder_or_a_uri(location: str) -> None:
+    assert params_from_dict({"storage": {"train": location, "tune": location}}).storage.train == location
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("", "expected a folder or a URI"),
+        (" runs/ray", "without surrounding spaces"),
+        ("s3://", r"expected a folder or <scheme>://<bucket>/<prefix>"),
+        ("s3:///runs", r"expected a folder or <scheme>://<bucket>/<prefix>"),
+        ("http://host/runs", "with a scheme of s3, gs"),
+        ("s3:/bkt/runs", r"looks like a URI with one slash: write s3://"),
+        (None, "expected a string, got None"),
+        (["runs"], "expected a string"),
+    ],
+)
+@pytest.mark.parametrize("key", ["train", "tune"])
+def test_a_bad_ray_storage_is_an_error_naming_the_key(
+    key: str, value: object, message: str, tmp_path: Path
+) -> None:
+    params = write_params_file(tmp_path / "params.yaml", {"storage": {key: value}})
+    with pytest.raises(ConfigError, match=rf"params\.yaml: storage\.{key}: .*{message}"):
+        load_params(params)
+    with pytest.raises(ConfigError, match=r"storage\.trian: unknown key \(known: train, tune\)"):
+        params_from_dict({"storage": {"trian": "runs/ray"}})
 
 
 def test_a_params_file_must_name_every_section(tmp_path: Path) -> None:

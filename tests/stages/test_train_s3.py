@@ -92,3 +92,19 @@ def test_no_ray_refuses_a_storage_uri_before_any_work(tmp_path: Path, capsys: py
     assert train.main(args) == 2
     assert "--storage-path s3://bkt/runs: without Ray (--no-ray)" in capsys.readouterr().err
     assert not any((tmp_path / name).exists() for name in ("m.pt", "t.json", "runs", "s3:"))
+
+
+def test_no_ray_refuses_a_storage_uri_from_params_naming_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Without --storage-path the Ray storage is params' storage.train, and errors name that key."""
+    from stages import train
+
+    params = write_params(tmp_path / "params.yaml", {**tiny_params(), "storage": {"train": "s3://bkt/runs"}})
+    args = [
+        "--params", str(params), "--data", str(tmp_path / "data"), "--model-out", str(tmp_path / "m.pt"),
+        "--metrics", str(tmp_path / "t.json"), "--plots", str(tmp_path / "t.csv"), "--no-ray",
+    ]  # fmt: skip
+    assert train.main(args) == 2
+    assert "storage.train s3://bkt/runs: without Ray (--no-ray)" in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in ("m.pt", "t.json", "runs", "s3:"))

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from pipeline.cluster import ClusterError
-from pipeline.preprocess.parallel import WorkerDied, ordered_map, use_ray_requested
+from pipeline.preprocess.parallel import WorkerDied, describe_backend, ordered_map
 from tests.conftest import free_port
 
 
@@ -43,11 +43,15 @@ def test_a_killed_worker_raises_worker_died_with_the_chunks_in_flight() -> None:
     )  # window 2 x 2
 
 
-def test_ray_address_alone_asks_for_ray(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert not use_ray_requested(False) and use_ray_requested(True)
-    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
-    assert use_ray_requested(False)
+def test_where_it_runs_is_said_and_ray_address_alone_does_not_choose_ray() -> None:
+    cluster = {"RAY_ADDRESS": "10.0.0.1:6379"}
+    assert describe_backend(True, 0, cluster) == "Ray tasks on the cluster at RAY_ADDRESS=10.0.0.1:6379"
+    assert describe_backend(True, 0, {}) == "Ray tasks on a local Ray cluster"
+    assert (
+        describe_backend(False, 3, cluster)
+        == "3 local processes, not on the Ray cluster at RAY_ADDRESS=10.0.0.1:6379"
+    )
+    assert describe_backend(False, 1, {}) == "in this process"
 
 
 def test_unreachable_ray_cluster_fails_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
