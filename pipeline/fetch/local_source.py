@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -33,8 +34,15 @@ from pipeline.coco_format import (
 from pipeline.config import DataConfig
 
 
-def copy_local(cfg: DataConfig, source: Path, out: Path, *, progress: bool = True) -> None:
-    """Copy (or link) ``source``'s splits ``cfg.train_split`` and ``cfg.val_split`` into ``out``.
+def copy_local(
+    cfg: DataConfig,
+    source: Path,
+    out: Path,
+    *,
+    splits: Sequence[str] | None = None,
+    progress: bool = True,
+) -> None:
+    """Copy (or link) ``source``'s ``splits`` (default ``cfg.train_split`` and ``cfg.val_split``) into ``out``.
 
     Reads data.train_split / val_split, data.max_images, data.local_link and data.download_workers
     (as the number of copying threads). Raises `CocoFormatError` naming the file when
@@ -42,7 +50,7 @@ def copy_local(cfg: DataConfig, source: Path, out: Path, *, progress: bool = Tru
     """
     if not source.is_dir():
         raise CocoFormatError(f"{source}: --local-dir is not a directory")
-    for split in (cfg.train_split, cfg.val_split):
+    for split in splits or (cfg.train_split, cfg.val_split):
         coco = read_coco(annotation_path(source, split))
         if cfg.max_images is None:
             target = annotation_path(out, split)

@@ -48,10 +48,13 @@ def fetch_dataset(
     downloads: str | Path | None = None,
     force: bool = False,
     progress: bool = True,
+    splits: tuple[str, ...] | None = None,
 ) -> list[SplitSummary]:
     """Fill ``out`` with ``annotations/instances_<split>.json`` and ``<split>/`` for both splits.
 
-    ``local_dir`` is required for, and only allowed with, ``data.source: local``. An existing
+    ``local_dir`` is required for, and only allowed with, ``data.source: local``; so is ``splits``,
+    which fetches only those of the two splits (e.g. the validation split alone, for
+    benchmarks/coco_fidelity.py: no need to copy COCO's 118k training images to evaluate). An existing
     ``out`` is replaced only if fetch wrote it (or ``force``; `pipeline.io.check_output_folder`). Raises
     `ConfigError` for a source/argument mismatch, and the source's own error (`FetchError`,
     `DownloadError`, `ArchiveError`, `CocoFormatError`) naming the URL or file otherwise.
@@ -61,6 +64,11 @@ def fetch_dataset(
         raise ConfigError("data.source is 'local': name the COCO-layout folder with --local-dir DIR")
     if cfg.source != "local" and local_dir is not None:
         raise ConfigError(f"--local-dir is given but data.source is {cfg.source!r}: set data.source: local")
+    both = (cfg.train_split, cfg.val_split)
+    if splits is not None and (cfg.source != "local" or not splits or not set(splits) <= set(both)):
+        raise ConfigError(
+            f"splits {list(splits)}: a subset of {list(both)} can be fetched only with data.source: local"
+        )
     own_downloads = downloads is None
     downloads = out.with_name(out.name + ".downloads") if downloads is None else Path(downloads)
     inputs = [local_dir] if local_dir is not None else []
@@ -70,8 +78,8 @@ def fetch_dataset(
         elif cfg.source == "coco":
             fetch_coco(cfg, tmp, downloads, progress=progress)
         else:
-            copy_local(cfg, Path(local_dir), tmp, progress=progress)  # type: ignore[arg-type]
-        summaries = [_summarise(tmp, split) for split in (cfg.train_split, cfg.val_split)]
+            copy_local(cfg, Path(local_dir), tmp, splits=splits or both, progress=progress)  # type: ignore[arg-type]
+        summaries = [_summarise(tmp, split) for split in splits or both]
     if own_downloads:  # a folder the user named (--downloads) is theirs: kept, e.g. as a cache of the zips
         shutil.rmtree(downloads, ignore_errors=True)
     return summaries
