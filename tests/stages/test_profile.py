@@ -35,6 +35,7 @@ model: {}
 evaluate: {}
 tune: {}
 ablate: {}
+storage: {}
 """
 CATEGORIES = [{"label": k, "id": k, "name": f"class{k}"} for k in (1, 2, 3)]
 
