@@ -211,7 +211,17 @@ def child_index(root: str, split: str) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     gc.collect()
     after = process.memory_full_info()
+    # The index's own arrays (a SplitIndex's numpy columns; 0 for a format without them).
+    fields = getattr(index, "__dataclass_fields__", {})
+    arrays_bytes = sum(getattr(getattr(index, name), "nbytes", 0) for name in fields)
     del index
+    gc.collect()
+    # A second read: what one more index costs once the libraries (pyarrow's pools) are loaded.
+    again = process.memory_full_info()
+    second = read_index(root, split)
+    gc.collect()
+    second_growth = (process.memory_full_info().rss - again.rss) / MIB
+    del second
     gc.collect()
     tracemalloc.start()
     index = read_index(root, split)
@@ -221,10 +231,18 @@ def child_index(root: str, split: str) -> dict[str, Any]:
         "seconds": seconds,
         "rss_growth_mib": (after.rss - before.rss) / MIB,
         "uss_growth_mib": (after.uss - before.uss) / MIB,
+        "second_read_rss_growth_mib": second_growth,
+        "arrays_mib": arrays_bytes / MIB,
         "tracemalloc_retained_mib": retained / MIB,
         "tracemalloc_peak_mib": peak / MIB,
         "type": type(index).__name__,
     }
+
+
+def _optional(figures: dict[str, Any], key: str) -> str:
+    """``figures[key]`` to one decimal, or "-" for a run of an older version that did not measure it."""
+    value = figures.get(key)
+    return "-" if value is None else f"{value:.1f}"
 
 
 def _worker_memory(parent: psutil.Process) -> list[dict[str, float]]:
@@ -504,7 +522,10 @@ def table(report: dict[str, Any]) -> str:
         ("output: shard files", lambda r: f"{r['output']['shard_files']}"),
         ("output: MB (apparent)", lambda r: f"{r['output']['bytes'] / 1e6:.0f}"),
         ("train index load: s", lambda r: f"{r['index']['seconds']:.2f}"),
-        ("train index: RSS growth MiB", lambda r: f"{r['index']['rss_growth_mib']:.1f}"),
+        ("train index: RSS growth MiB (first read: libraries included)",
+         lambda r: f"{r['index']['rss_growth_mib']:.1f}"),
+        ("train index: RSS growth MiB of a second read", lambda r: _optional(r["index"], "second_read_rss_growth_mib")),
+        ("train index: numpy arrays MiB", lambda r: _optional(r["index"], "arrays_mib")),
         ("train index: tracemalloc retained / peak MiB",
          lambda r: f"{r['index']['tracemalloc_retained_mib']:.1f} / {r['index']['tracemalloc_peak_mib']:.1f}"),
         ("loader: images/s (all workers)", lambda r: f"{r['loader']['images_per_s']:.0f}"),
