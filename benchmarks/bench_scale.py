@@ -174,14 +174,9 @@ def count_files(root: Path) -> dict[str, Any]:
 
 def machine() -> dict[str, Any]:
     """CPU model (/proc/cpuinfo), usable cores, RAM, OS, Python and the key library versions."""
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from pipeline.profile.timing import cpu_model
+
+    cpu = cpu_model()
     import numpy
     import torch
 

@@ -533,16 +533,20 @@ def compare_detections(
     }
 
 
-def machine_description(device: torch.device | str = "cpu") -> dict[str, str]:
-    """What the figures were measured on: CPU model, threads, torch version, device name."""
-    cpu = "unknown"
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, or "unknown" where there is none (not Linux)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return "unknown"
+
+
+def machine_description(device: torch.device | str = "cpu") -> dict[str, str]:
+    """What the figures were measured on: CPU model, threads, torch version, device name."""
+    cpu = cpu_model()
     device = torch.device(device)
     info = {
         "cpu": cpu,
