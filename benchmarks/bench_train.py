@@ -97,7 +97,7 @@ def main() -> None:
                     from pipeline.train import ray_train
 
                     cluster.connect()
-                    state = ray_train.fit(job, str(Path(tmp) / "ray"))
+                    state, _ = ray_train.fit(job, str(Path(tmp) / "ray"))
                 wall = time.perf_counter() - started
                 rate, median = images_per_s(state, args.warmup, train.batch_size)
                 rows.append((mode, round_index, rate, median, wall))

@@ -1031,7 +1031,7 @@ def section_e(device: torch.device, sizes: Sizes, out: Report) -> None:
                 with cluster.connected(log_to_driver=False, dashboard=False) as where:
                     cluster.check_fits(params, cluster.resources(), where)
                     started = time.perf_counter() - start
-                    state = ray_train.fit(job, str(tmp / "ray-storage"))
+                    state, _ = ray_train.fit(job, str(tmp / "ray-storage"))
                     train_s = time.perf_counter() - start - started
                     losses = [row[1] for row in state["history"]["rows"].tolist()]
                     out.check(

@@ -142,11 +142,18 @@ class TrainConfig:
     threads: int = 0  # torch threads per worker; 0 = the worker's CPUs (Ray) or torch's default
     flush_denormal: bool = True  # CPU: flush denormal floats (a from-scratch detector slows ~3x without)
     grad_clip_norm: float | None = None  # clip the global gradient L2 norm to this; null = no clipping
+    # Periodic validation: every `eval_every` iterations (a multiple of checkpoint_every; 0 = off)
+    # rank 0 scores the checkpoint on the first `val_images` images of data.val_split; the best
+    # checkpoint by val_ap is kept beside the latest (`pipeline.train.best`).
+    eval_every: int = 0
+    val_images: int = 50
+    system_metrics_s: float = 10.0  # MLflow system metrics (CPU, memory, GPU) sampled this often; 0 = off
 
     def __post_init__(self) -> None:
         for key, low in (("num_workers", 1), ("batch_size", 1), ("lr_reference_batch", 1), ("iterations", 1),
                          ("weight_decay", 0.0), ("warmup_iters", 0), ("loader_workers", 0),
                          ("checkpoint_every", 1), ("log_every", 1), ("threads", 0),
+                         ("eval_every", 0), ("val_images", 1), ("system_metrics_s", 0.0),
                          ("max_failures", -1)):  # fmt: skip  # max_failures -1: retry forever (Ray's convention)
             if getattr(self, key) < low:
                 raise ValueError(f"{key}: must be >= {low}, got {getattr(self, key)}")
@@ -164,6 +171,11 @@ class TrainConfig:
         if self.lr_steps and self.lr_steps[-1] >= self.iterations:
             raise ValueError(
                 f"lr_steps: must be < train.iterations ({self.iterations}), got {list(self.lr_steps)}"
+            )
+        if self.eval_every % self.checkpoint_every:
+            raise ValueError(
+                f"eval_every: must be a multiple of checkpoint_every ({self.checkpoint_every}): validation "
+                f"scores a checkpoint; got {self.eval_every}"
             )
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp: must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")

@@ -158,6 +158,7 @@ class TrackedRun:
         self.strict = strict
         self._client: MlflowClient | None = None
         self._problem = problem  # why the run is off, once it is
+        self._monitor: Any = None  # MLflow's SystemMetricsMonitor while `start_system_metrics` runs
         if run_id is not None:
             self._client = mlflow_client(uri)
 
@@ -325,8 +326,39 @@ class TrackedRun:
             log.warning(message)
             return None
 
+    def start_system_metrics(self, interval_s: float) -> None:
+        """Log this machine's ``system/*`` metrics to the run every ``interval_s`` s until `stop_system_metrics`.
+
+        MLflow's own monitor (a daemon thread): CPU and memory use, disk, network, and GPU
+        utilisation and memory where ``nvidia-ml-py`` finds GPUs. Steps continue those of an
+        earlier attempt (a resumed run). ``interval_s <= 0`` or a disabled run: nothing. A
+        monitor that cannot start warns and costs nothing else.
+        """
+        if not self.active or interval_s <= 0 or self._monitor is not None:
+            return
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(
+                self.run_id, sampling_interval=interval_s, resume_logging=True, tracking_uri=self.uri
+            )
+            monitor.start()
+        except Exception as err:  # noqa: BLE001 - metrics of the machine are never worth a training
+            log.warning(
+                "MLflow system metrics not logged to run %s: %s: %s", self.run_id, type(err).__name__, err
+            )
+            return
+        self._monitor = monitor
+
+    def stop_system_metrics(self) -> None:
+        """Stop the monitor of `start_system_metrics` (its last samples are flushed); no-op if none runs."""
+        monitor, self._monitor = self._monitor, None
+        if monitor is not None:
+            monitor.finish()
+
     def finish(self, status: str = "FINISHED") -> None:
-        """Mark the run FINISHED (or FAILED / KILLED)."""
+        """Mark the run FINISHED (or FAILED / KILLED), after stopping its system metrics."""
+        self.stop_system_metrics()
         if not self.active:
             return
         try:

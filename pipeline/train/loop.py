@@ -20,13 +20,14 @@ or a local folder (``LocalSession``, one process, no Ray). Conventions:
   happened (the error still names the step and its loss terms). The steps in between run on
   with NaN in the weights, but nothing is saved past it: a checkpoint is written only after
   the flush that checked every step before it.
-* Validation (when ``TrainJob.validation`` is set, as stage tune does): at every checkpoint
-  rank 0 scores the live model on a few held-out images on its own device
-  (`pipeline.train.validation`: eval mode, no grad, random streams restored, so training is
-  unchanged bit for bit) and adds ``val_ap50``, ``val_ap`` and ``train_loss`` (mean loss of the
-  steps since the previous validation) to that report; the other ranks add the same keys as
-  NaN (a report is a barrier with the same keys on every rank; Ray Train's callbacks and Tune
-  read rank 0's metrics). Rank 0 also logs them to its MLflow run at that iteration.
+* Validation (when ``TrainJob.validation`` is set: stage tune, and stage train with
+  ``train.eval_every``): at the checkpoints it is due (`ValidationSpec.due`) rank 0 scores the
+  live model on a few held-out images on its own device (`pipeline.train.validation`: eval
+  mode, no grad, random streams restored, so training is unchanged bit for bit) and adds
+  ``val_ap50``, ``val_ap`` and ``train_loss`` (mean loss of the steps since the previous
+  validation) to that report; the other ranks, and checkpoints not scored, add the same keys
+  as NaN (a report is a barrier with the same keys on every rank; Ray Train's callbacks and
+  Tune read rank 0's metrics). Rank 0 also logs them to its MLflow run at that iteration.
 
 The parts, in the order a run meets them:
 
@@ -583,6 +584,7 @@ class RankZero:
             job.tracking_uri, t.experiment, run_id=run_id, run_name=job.run_name, tags=tags
         )
         self.run.log_params(flatten(job.params.to_dict()))
+        self.run.start_system_metrics(t.system_metrics_s)
         return self.run.run_id or run_id
 
     def start(self, job: TrainJob, session: Session, state: TrainState, images: int, resumed: bool) -> None:
@@ -619,21 +621,23 @@ class RankZero:
     def validate(self, job: TrainJob, state: TrainState) -> dict[str, float]:
         """`VALIDATION_METRICS` at the current (checkpointed) iteration; ``{}`` when the job does not validate.
 
-        Rank 0 scores ``state.model`` on its device (`score_model`), takes ``train_loss`` from the
-        history (steps since the previous checkpoint, where the previous validation was), logs
-        the three to MLflow at this iteration and prints a line. The other ranks give the same
-        keys as NaN, without scoring. Only after `TrainState.flush` (the history holds every step).
+        At a checkpoint the job scores (`ValidationSpec.due`), rank 0 scores ``state.model`` on its
+        device (`score_model`), takes ``train_loss`` from the history (steps since the previous
+        validation), logs the three to MLflow at this iteration and prints a line. The other
+        ranks, and every rank at a checkpoint not scored, give the same keys as NaN (Ray Train
+        ranks NaN below any score when it keeps the best checkpoints). Only after
+        `TrainState.flush` (the history holds every step).
         """
         if job.validation is None:
             return {}
-        if not self.enabled:
+        iteration = state.progress.iteration
+        if not (self.enabled and job.validation.due(iteration, job.params.train.iterations)):
             return dict.fromkeys(VALIDATION_METRICS, math.nan)
         if self.holdout is None:
             self.load_validation(job)
-        iteration = state.progress.iteration
         started = time.perf_counter()
         scores = score_model(self.holdout, state.model, state.device)
-        since = previous_validation(iteration, job.params.train.checkpoint_every)
+        since = previous_validation(iteration, job.validation.every)
         scores["train_loss"] = mean_loss_since(state.history, since)
         self.printer.line(
             f"[train] validation iter {iteration}: "
@@ -651,7 +655,9 @@ class RankZero:
             self.run.finish("FAILED")
 
     def close(self) -> None:
+        """End of this attempt on this rank: the bar closed, the system metrics stopped (the driver finishes the run)."""
         self.printer.close()
+        self.run.stop_system_metrics()
 
 
 class LogWindow:

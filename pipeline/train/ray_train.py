@@ -5,7 +5,8 @@
 * ``ScalingConfig(num_workers, use_gpu, resources_per_worker={"CPU": cpus_per_worker[, "GPU": 1]})``
   from ``train:``; DDP over NCCL on GPUs, gloo on CPUs (``TorchConfig(backend=...)``);
 * ``RunConfig(name=<run name>, storage_path, failure_config=FailureConfig(max_failures),
-  checkpoint_config=CheckpointConfig(num_to_keep=2))``.
+  checkpoint_config=CheckpointConfig(num_to_keep=2))``; when the job validates, ranked by
+  ``val_ap`` (`pipeline.train.best`): the latest and the 2 best are kept.
 
 After a worker dies, Ray restarts the worker group and the loop resumes from
 ``ray.train.get_checkpoint()``; a new `fit` with the same ``(storage_path, name)`` -- the same
@@ -28,11 +29,14 @@ import logging
 import sys
 from typing import Any
 
+from pipeline.train.best import BEST_METRIC, BestCheckpoint, best_of
 from pipeline.train.checkpoint import load_checkpoint
 from pipeline.train.loop import TrainJob, train_worker
 from pipeline.train.sessions import RaySession
 
 log = logging.getLogger(__name__)
+
+KEEP_CHECKPOINTS = 2  # besides the latest, which Ray always keeps
 
 
 def ray_worker(config: dict[str, Any]) -> None:
@@ -86,16 +90,31 @@ def build_trainer(job: TrainJob, storage_path: str, *, callbacks: list[Any] | No
             name=job.run_name,
             storage_path=storage_path,
             failure_config=FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=KEEP_CHECKPOINTS,
+                checkpoint_score_attribute=BEST_METRIC if job.validation is not None else None,
+                checkpoint_score_order="max",
+            ),
             callbacks=callbacks,
         ),
     )
 
 
-def fit(job: TrainJob, storage_path: str) -> dict[str, Any]:
-    """Run the training to the end (resuming when a checkpoint exists); returns the final checkpoint's state."""
+def fit(job: TrainJob, storage_path: str) -> tuple[dict[str, Any], BestCheckpoint | None]:
+    """Run the training to the end (resuming when a checkpoint exists).
+
+    Returns the final checkpoint's state and the best kept checkpoint by ``val_ap`` (None when
+    the job does not validate).
+    """
     result = build_trainer(job, storage_path).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {job.run_name} under {storage_path} ended without a checkpoint")
+    best = best_of((checkpoint_location(c), m) for c, m in result.best_checkpoints or [])
     with result.checkpoint.as_directory() as directory:
-        return load_checkpoint(directory)
+        return load_checkpoint(directory), best
+
+
+def checkpoint_location(checkpoint: Any) -> str:
+    """A Ray ``Checkpoint``'s folder, or its URI when on object storage (``s3://bucket/...``)."""
+    kind = getattr(checkpoint.filesystem, "type_name", "local")
+    return checkpoint.path if kind == "local" else f"{kind}://{checkpoint.path}"

@@ -8,11 +8,14 @@ loop runs under Ray Train on N workers and in one plain process for debugging:
   ``ray.train.get_checkpoint()`` (the latest checkpoint after a worker failure, or of an
   earlier ``fit()`` with the same run name).
 * `LocalSession` -- the same semantics on one process: checkpoints renamed into
-  ``<directory>/checkpoint_<iter>`` when whole, the newest ``keep`` kept.
+  ``<directory>/checkpoint_<iter>`` when whole, each with its report (``metrics.json``); kept:
+  the latest and the ``keep`` best by ``val_ap`` (`pipeline.train.best`; the newest ``keep``
+  when nothing is scored), as Ray Train keeps them.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -22,9 +25,13 @@ from typing import Any, Protocol
 import torch
 
 from pipeline.io import atomic_directory
+from pipeline.train.best import BestCheckpoint, best_of, rank
 from pipeline.train.checkpoint import STATE_FILE, CheckpointError, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
+
+
+METRICS_FILE = "metrics.json"  # a local checkpoint's report (rank 0's metrics)
 
 
 def checkpoint_dir_name(iteration: int) -> str:
@@ -48,7 +55,7 @@ class Session(Protocol):
 
 
 class LocalSession:
-    """One process, no Ray: checkpoints in ``directory``, the newest ``keep`` kept."""
+    """One process, no Ray: checkpoints in ``directory``; the latest and the ``keep`` best kept."""
 
     def __init__(self, directory: str | Path, *, device: torch.device | None = None, keep: int = 2) -> None:
         self.rank = 0
@@ -79,8 +86,22 @@ class LocalSession:
             return
         with atomic_directory(self.directory / checkpoint_dir_name(iteration)) as tmp:
             save_checkpoint(tmp, state)
-        for old in self.checkpoints()[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            (tmp / METRICS_FILE).write_text(json.dumps({"iteration": iteration, **metrics}) + "\n")
+        # Ray Train's rule: all but the ``keep`` best go, the latest (just written) excepted.
+        ranked = sorted(self.checkpoints(), key=lambda p: rank(self.metrics(p), int(p.name.split("_")[-1])))
+        for old in ranked[: -self.keep]:
+            if old.name != checkpoint_dir_name(iteration):
+                shutil.rmtree(old, ignore_errors=True)
+
+    @staticmethod
+    def metrics(checkpoint: Path) -> dict[str, Any]:
+        """The report saved with ``checkpoint`` (``{}`` for one written without it)."""
+        path = checkpoint / METRICS_FILE
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def best(self) -> BestCheckpoint | None:
+        """The best kept checkpoint by ``val_ap`` (`pipeline.train.best.best_of`); None if none was scored."""
+        return best_of((str(p), self.metrics(p)) for p in self.checkpoints())
 
 
 class RaySession:

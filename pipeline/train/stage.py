@@ -10,6 +10,11 @@
    ``use_ray=False`` the same loop in this process (`pipeline.train.sessions.LocalSession`);
 4. writes the model file, the metrics JSON and the loss CSV, and finishes the MLflow run that
    rank 0 opened: final metrics, the loss CSV and the model file as artifacts (``model_file/``).
+   With ``train.eval_every`` the loop scores a checkpoint every that many iterations on the
+   first ``train.val_images`` images of ``data.val_split`` (rank 0, on its device; the AP curve
+   goes to MLflow) and the best checkpoint by ``val_ap`` is kept beside the latest
+   (`pipeline.train.best`): the metrics JSON and the MLflow run name it (``best_checkpoint``,
+   ``best_iteration``, ``best_val_ap``). The model file is the last iteration's either way.
    No MLflow model is logged here: the run's one model is the pyfunc stage evaluate logs
    (`pipeline.tracking.pyfunc`), and nothing is pickled.
 
@@ -52,19 +57,31 @@ from pipeline.model_file import save_model_file
 from pipeline.provenance import git_commit
 from pipeline.storage import is_uri, resolve_location
 from pipeline.tracking.run import TrackedRun, fail_running_runs, flatten, tracking_uri
+from pipeline.train.best import BestCheckpoint
 from pipeline.train.checkpoint import Progress, history_rows
 from pipeline.train.init_weights import resolve_init_weights
 from pipeline.train.loop import LOSS_NAMES, TrainJob, train_worker
 from pipeline.train.preflight import check_num_classes, check_train_params
 from pipeline.train.run_lock import hold_run_lock
 from pipeline.train.sessions import LocalSession
+from pipeline.train.validation import ValidationSpec
 
 log = logging.getLogger(__name__)
 
 # train: keys that do not change what is learned (where things go, how often to log, how many
 # retries, data-loading processes): left out of the run's name so changing them resumes.
 NAME_NEUTRAL_TRAIN_KEYS = frozenset(
-    {"experiment", "log_every", "checkpoint_every", "max_failures", "loader_workers"}
+    {
+        "experiment",
+        "log_every",
+        "checkpoint_every",
+        "max_failures",
+        "loader_workers",
+        # validation leaves training bit for bit unchanged (`pipeline.train.validation`)
+        "eval_every",
+        "val_images",
+        "system_metrics_s",
+    }
 )
 PLOT_COLUMNS = ("step", "loss", *LOSS_NAMES, "lr")
 MODEL_FILE_ARTIFACT_DIR = "model_file"  # the run's copy of the model file: model_file/<name>.pt
@@ -134,12 +151,13 @@ def train(
         init_weights_file=None,
         status_dir=str(Path(status_dir).resolve()) if status_dir else None,
         run_tags=(driver,),
+        validation=validation_spec(params, data_root),
     )
     with hold_run_lock(storage, name):
         try:
-            state = _fit(job, storage, use_ray=use_ray)
+            state, best = _fit(job, storage, use_ray=use_ray)
             metrics = write_outputs(
-                params, job, state, categories, outputs, wall_time_s=time.perf_counter() - started
+                params, job, state, categories, outputs, wall_time_s=time.perf_counter() - started, best=best
             )
         except ConfigError:  # refused by a check before training: no MLflow run was opened
             raise
@@ -152,8 +170,18 @@ def train(
     return metrics
 
 
-def _fit(job: TrainJob, storage: str, *, use_ray: bool) -> dict[str, Any]:
-    """Run ``job`` to its end with Ray Train (or in this process); the final checkpoint's state."""
+def validation_spec(params: Params, data_root: Path) -> ValidationSpec | None:
+    """``train.eval_every``'s periodic validation on ``data.val_split``; None when it is 0 (off)."""
+    t = params.train
+    if not t.eval_every:
+        return None
+    return ValidationSpec(
+        data_root=str(data_root), split=params.data.val_split, num_images=t.val_images, every=t.eval_every
+    )
+
+
+def _fit(job: TrainJob, storage: str, *, use_ray: bool) -> tuple[dict[str, Any], BestCheckpoint | None]:
+    """Run ``job`` to its end with Ray Train (or in this process): the final checkpoint's state and the best one."""
     params, name = job.params, job.run_name
     if use_ray:
         from pipeline.train import ray_train  # lazy: imports Ray (seconds), which --no-ray never needs
@@ -191,7 +219,7 @@ def _fit(job: TrainJob, storage: str, *, use_ray: bool) -> dict[str, Any]:
     train_worker(job, session)
     state = session.restore()
     assert state is not None, "the loop always ends with a checkpoint"
-    return state
+    return state, session.best()
 
 
 def summary_metrics(params: Params, state: dict[str, Any], wall_time_s: float) -> dict[str, Any]:
@@ -236,9 +264,17 @@ def write_outputs(
     outputs: TrainOutputs,
     *,
     wall_time_s: float,
+    best: BestCheckpoint | None = None,
 ) -> dict[str, Any]:
-    """Model file, metrics JSON, plots CSV; then the MLflow run's final metrics, artifacts and status."""
+    """Model file, metrics JSON, plots CSV; then the MLflow run's final metrics, artifacts and status.
+
+    ``best``: the best scored checkpoint (periodic validation), named in the metrics and the run.
+    """
     metrics = summary_metrics(params, state, wall_time_s)
+    if best is not None:
+        metrics.update({f"best_{k}": v for k, v in best.scores.items()})
+        metrics.update(best_iteration=best.iteration, best_checkpoint=best.location)
+        log.info("best checkpoint: %s (iteration %d, %s)", best.location, best.iteration, best.scores)
     run_id = state["run"].get("mlflow_run_id")
     run = TrackedRun.disabled("no tracking URI")
     if job.tracking_uri:
@@ -278,6 +314,8 @@ def write_outputs(
         {f"final_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None},
         step=final_step,
     )
+    if best is not None:
+        run.set_tags({"best_checkpoint": best.location, "best_iteration": best.iteration})
     run.log_artifact(outputs.plots)
     run.log_artifact(outputs.model, MODEL_FILE_ARTIFACT_DIR)
     run.finish("FINISHED")

@@ -55,15 +55,23 @@ VALIDATION_METRICS = (*METRIC_NAMES, "train_loss")
 
 @dataclass(frozen=True)
 class ValidationSpec:
-    """Which held-out images the training loop scores at every checkpoint; plain and picklable.
+    """Which held-out images the training loop scores, and when; plain and picklable.
 
+    The loop scores the checkpoints at multiples of ``every`` iterations and the last one
+    (``every`` is a multiple of ``train.checkpoint_every``: stage tune sets both to
+    ``tune.eval_every``, stage train takes ``train.eval_every``).
     ``data_root`` must be visible from rank 0's worker (shared storage on a multi-node cluster).
     """
 
     data_root: str  # the preprocess output (``<split>/`` shards and index, ``categories.json``)
     split: str  # e.g. data.val_split
     num_images: int  # the first ``num_images`` images by image id (fewer if the split has fewer)
+    every: int  # iterations between validations
     batch_size: int = 4  # images per forward pass
+
+    def due(self, iteration: int, last: int) -> bool:
+        """True at the iterations scored: multiples of ``every`` and ``last`` (train.iterations)."""
+        return iteration % self.every == 0 or iteration >= last
 
 
 @dataclass
@@ -193,9 +201,9 @@ def mean_loss_since(history: list[list[float]], since: int) -> float:
     return sum(losses) / len(losses) if losses else math.nan
 
 
-def previous_validation(iteration: int, checkpoint_every: int) -> int:
-    """The iteration of the validation before the one at ``iteration``: the checkpoint step before it (0 at first).
+def previous_validation(iteration: int, every: int) -> int:
+    """The iteration of the validation before the one at ``iteration`` (0 at first).
 
-    The loop validates at every checkpoint: every ``checkpoint_every`` steps and at the last.
+    The loop validates every ``every`` steps and at the last (`ValidationSpec.due`).
     """
-    return (iteration - 1) // checkpoint_every * checkpoint_every
+    return (iteration - 1) // every * every

@@ -267,6 +267,9 @@ def set_param_args(sample: Mapping[str, Any], params_file: str = "params.yaml") 
 def trial_train_overrides(train: TrainConfig, *, iterations: int, eval_every: int) -> dict[str, Any]:
     """What a trial changes in ``train:`` besides the sample: its length and its evaluation points.
 
+    The trial's validation is the sweep's (every ``tune.eval_every``, `pipeline.tune.stage.Sweep`),
+    so ``train.eval_every`` is turned off (0) in the trial's params.
+
     The lr steps shrink with the run (``lr_steps * iterations / train.iterations``), so a short
     trial follows the same schedule shape as the full training it stands for.
     """
@@ -274,6 +277,7 @@ def trial_train_overrides(train: TrainConfig, *, iterations: int, eval_every: in
     return {
         "iterations": iterations,
         "checkpoint_every": eval_every,
+        "eval_every": 0,
         "log_every": min(train.log_every, eval_every),
         "lr_steps": steps,
     }

@@ -125,7 +125,10 @@ class Sweep:
     def validation(self, params: Params) -> ValidationSpec:
         """What a trial's loop scores at each checkpoint: the first ``tune.val_images`` of ``data.val_split``."""
         return ValidationSpec(
-            data_root=self.data_root, split=params.data.val_split, num_images=self.tune.val_images
+            data_root=self.data_root,
+            split=params.data.val_split,
+            num_images=self.tune.val_images,
+            every=self.tune.eval_every,
         )
 
     def run_tags(self, trial_id: str) -> tuple[tuple[str, str], ...]:

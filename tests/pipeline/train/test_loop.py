@@ -121,7 +121,13 @@ class CrashAfter(LocalSession):
 
 def job(params, data: Path, *, validate: bool = False, tracking_uri: str | None = None) -> TrainJob:
     """The run ``t`` on ``data``; with ``validate``, scored on 3 images of its val2017 at each checkpoint."""
-    validation = ValidationSpec(data_root=str(data), split="val2017", num_images=3) if validate else None
+    validation = (
+        ValidationSpec(
+            data_root=str(data), split="val2017", num_images=3, every=params.train.checkpoint_every
+        )
+        if validate
+        else None
+    )
     return TrainJob(
         params=params, data_root=str(data), run_name="t", data_hash="h", git_commit="c",
         tracking_uri=tracking_uri, init_weights_file=None, validation=validation,
@@ -418,7 +424,7 @@ def test_a_split_without_images_fails_before_training(data: Path, tmp_path: Path
     params = params_from_dict(tiny_params())
     bad = TrainJob(
         params=params, data_root=str(data), run_name="t", data_hash="h", git_commit="c", tracking_uri=None,
-        init_weights_file=None, validation=ValidationSpec(data_root=str(data), split="val2099", num_images=3),
+        init_weights_file=None, validation=ValidationSpec(data_root=str(data), split="val2099", num_images=3, every=1),
     )  # fmt: skip
     session = LocalSession(tmp_path / "bad")
     with pytest.raises(Exception, match="val2099"):

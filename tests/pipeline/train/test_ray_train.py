@@ -21,8 +21,9 @@ from ray.train import UserCallback
 from pipeline import cluster
 from pipeline.config import params_from_dict
 from pipeline.model_file import load_model_file
+from pipeline.train.best import best_of
 from pipeline.train.loop import TrainJob
-from pipeline.train.ray_train import build_trainer
+from pipeline.train.ray_train import build_trainer, checkpoint_location
 from pipeline.train.validation import VALIDATION_METRICS, ValidationSpec
 from tests.ray_cluster import LocalRayCluster, ray_cluster, registered_checkpoint  # noqa: F401 (fixture)
 from tests.train_samples import tiny_data, tiny_params, write_params
@@ -151,11 +152,14 @@ def drive_validating_run(data: str, storage: str, record: str) -> None:
     job = TrainJob(
         params=params, data_root=data, run_name="validating", data_hash="h", git_commit="c",
         tracking_uri=None, init_weights_file=None,
-        validation=ValidationSpec(data_root=data, split="val2017", num_images=3),
+        validation=ValidationSpec(data_root=data, split="val2017", num_images=3, every=2),
     )  # fmt: skip
     with cluster.connected(log_to_driver=True):
         result = build_trainer(job, storage, callbacks=[RecordReports(record)]).fit()
     assert result.checkpoint is not None
+    # Ray keeps the checkpoints ranked by rank 0's val_ap (`pipeline.train.best`).
+    best = best_of((checkpoint_location(c), m) for c, m in result.best_checkpoints)
+    assert best is not None and best.iteration in (2, 4) and Path(best.location).is_dir(), best
 
 
 def test_rank0_scores_on_its_worker_and_rank1_reports_nan(

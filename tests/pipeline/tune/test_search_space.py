@@ -121,7 +121,9 @@ def test_best_params_file_loads_merged_and_dvc_set_param_lines(raw: dict, tmp_pa
 def test_trial_length_scales_the_lr_schedule() -> None:
     train = params_from_dict({"train": {"iterations": 600, "lr_steps": [450, 550], "log_every": 20}}).train
     overrides = trial_train_overrides(train, iterations=300, eval_every=50)
-    assert overrides == {"iterations": 300, "checkpoint_every": 50, "log_every": 20, "lr_steps": [225, 275]}
+    assert overrides == {
+        "iterations": 300, "checkpoint_every": 50, "eval_every": 0, "log_every": 20, "lr_steps": [225, 275]
+    }
     # Steps that land at or past the end, or on top of each other, are dropped.
     short = trial_train_overrides(train, iterations=2, eval_every=1)
     assert short["lr_steps"] == [] and short["log_every"] == 1
