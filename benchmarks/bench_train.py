@@ -70,7 +70,7 @@ def main() -> None:
     print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()) + f", cores {os.cpu_count()}")
     print(f"load average at start: {load[0]:.2f} (1 min), {load[1]:.2f} (5 min)")
     print(
-        f"model {params.model.backbone} d={params.model.fpn_channels} {params.model.min_size}/{params.model.max_size}, "
+        f"model {params.model.backbone} d={params.model.fpn_channels} {params.model.describe_sizes()}, "
         f"batch {train.batch_size}, {args.iterations} steps ({args.warmup} warm-up), {threads} threads, "
         f"Ray worker CPUs {train.cpus_per_worker:g}"
     )

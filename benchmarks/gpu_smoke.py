@@ -859,7 +859,7 @@ def section_c(device: torch.device, sizes: Sizes, out: Report) -> None:
         out.info(
             "C setup",
             f"synthetic data made and preprocessed in {time.perf_counter() - start:.1f} s; "
-            f"{m.backbone}-FPN {m.norm} d={m.fpn_channels} at {m.min_size}-{m.max_size} px, batch "
+            f"{m.backbone}-FPN {m.norm} d={m.fpn_channels} at {m.describe_sizes()}, batch "
             f"{t.batch_size}, amp {t.amp} ({'used' if device.type == 'cuda' else 'ignored by the loop on CPU'}), "
             f"pin_memory {device.type == 'cuda'}, {iterations} iterations, checkpoint every {crash_at}; "
             f"runs with {workers} and with 0 loader workers",

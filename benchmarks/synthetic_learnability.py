@@ -40,7 +40,7 @@ from pipeline.preprocess.stage import preprocess_dataset
 from pipeline.profile.timing import machine_description
 
 
-def build_model(num_classes: int, min_size: int, max_size: int) -> FasterRCNN:
+def build_model(num_classes: int, min_size: int | tuple[int, ...], max_size: int) -> FasterRCNN:
     body = resnet18(weights=None, norm_layer=lambda c: nn.GroupNorm(32, c))
     backbone = BackboneWithFPN(
         body, {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}, [64, 128, 256, 512], 64,

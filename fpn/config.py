@@ -12,6 +12,10 @@ Conventions:
   used by the RPN, finest first (5 for P2..P6); a single-level RPN (``p2_only``,
   ``single_c4``, ``single_c5``) puts all of them on its one level. ``aspect_ratios`` are
   height/width ratios.
+* ``min_size`` is the shorter side images are resized to: an int, or a list of them for
+  multi-scale training (torchvision's and Detectron2's convention): in training mode each
+  image's shorter side is drawn uniformly from the list, in eval mode it is the last
+  element (``ModelConfig.test_min_size``). ``max_size`` caps the longer side.
 
 Invalid values raise ``ValueError`` naming the field, e.g.
 ``ModelConfig.backbone: unknown backbone 'resnet7' (choose from resnet18, ...)``.
@@ -63,7 +67,7 @@ class ModelConfig:
     pyramid: str = "fpn"
     fpn_channels: int = 256  # d in the paper
     # Input handling (inside the model): resize, normalise, pad to a multiple of size_divisible.
-    min_size: int = 800
+    min_size: int | tuple[int, ...] = 800  # a list: multi-scale training, tested at the last size
     max_size: int = 1333
     size_divisible: int = 32
     image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -148,6 +152,17 @@ class ModelConfig:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
                 raise self._error(name, f"every value must be a positive number, got {value!r}")
 
+    def _sizes(self, name: str) -> None:
+        value = getattr(self, name)
+        if isinstance(value, tuple):
+            if not value:
+                raise self._error(name, "expected an integer or a non-empty list of integers, got []")
+            for v in value:
+                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                    raise self._error(name, f"every size must be an integer >= 1, got {list(value)}")
+        else:
+            self._number(name, integer=True, low=1)
+
     def _validate(self) -> None:
         self._choice("backbone", BACKBONES, "backbone")
         self._choice("norm", NORMS, "norm")
@@ -158,7 +173,6 @@ class ModelConfig:
         self._number("trainable_stages", integer=True, low=0, high=5)
         for name in (
             "fpn_channels",
-            "min_size",
             "max_size",
             "representation_size",
             "roi_output_size",
@@ -173,8 +187,11 @@ class ModelConfig:
             "size_divisible",
         ):
             self._number(name, integer=True, low=1)
-        if self.max_size < self.min_size:
-            raise self._error("max_size", f"must be >= min_size ({self.min_size}), got {self.max_size}")
+        self._sizes("min_size")
+        largest = max(self.min_sizes)
+        if self.max_size < largest:
+            of = "" if isinstance(self.min_size, int) else f", the largest of {list(self.min_size)}"
+            raise self._error("max_size", f"must be >= min_size ({largest}{of}), got {self.max_size}")
         if self.size_divisible % 32:
             raise self._error(
                 "size_divisible", f"must be a multiple of 32 (the stride of C5), got {self.size_divisible}"
@@ -215,6 +232,22 @@ class ModelConfig:
         self._number("canonical_level", integer=True, low=1)
         self._number("canonical_scale", low=0.0, low_open=True)
         self._number("roi_sampling_ratio", integer=True, low=0)
+
+    @property
+    def min_sizes(self) -> tuple[int, ...]:
+        """The shorter sides training draws from, one per image (``(min_size,)`` for an int)."""
+        return self.min_size if isinstance(self.min_size, tuple) else (self.min_size,)
+
+    @property
+    def test_min_size(self) -> int:
+        """The shorter side in eval mode: ``min_size``, or its last element for a list."""
+        return self.min_sizes[-1]
+
+    def describe_sizes(self) -> str:
+        """The resize for reports: ``"800-1333 px"`` (``min_size``-``max_size``), and for a list of
+        ``min_size`` the test size and the training sizes: ``"800-1333 px (training: [640, 800])"``."""
+        text = f"{self.test_min_size}-{self.max_size} px"
+        return text if isinstance(self.min_size, int) else f"{text} (training: {list(self.min_size)})"
 
     @classmethod
     def torchvision(cls) -> ModelConfig:

@@ -4,7 +4,9 @@ outputs back to each input image's pixel coordinates.
 "Following [Fast R-CNN], we resize the images such that their shorter side has 800 pixels"
 (Sec. 5), with the longer side at most 1333 (Detectron's setting, also torchvision's). The
 padded batch size is a multiple of 32 (the stride of C5), so that the pyramid levels align
-exactly for the top-down additions.
+exactly for the top-down additions. Multi-scale training (Detectron2's and torchvision's
+convention) gives several shorter sides: in training mode each image draws one uniformly, in
+eval mode the last one is used.
 
 Shapes: images N x (3, H_i, W_i) float in 0..1 -> batch (N, 3, H, W) with H, W multiples of
 ``size_divisible``; ``image_sizes[i]`` = (h_i, w_i), the resized size before padding.
@@ -13,6 +15,7 @@ Shapes: images N x (3, H_i, W_i) float in 0..1 -> batch (N, 3, H, W) with H, W m
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -32,22 +35,28 @@ class ImageBatch(NamedTuple):
 class Transform(nn.Module):
     """Normalise with ImageNet mean/std, resize, pad to a multiple of ``size_divisible``.
 
-    The resize factor is ``min(min_size / shorter side, max_size / longer side)``; bilinear
+    The resize factor is ``min(size / shorter side, max_size / longer side)``; bilinear
     interpolation computes the output size as floor(side * factor). Target boxes are scaled
     per dimension by the actual size ratio.
+
+    ``min_size`` is one shorter side or several. With several, training mode draws ``size``
+    uniformly for each image from torch's default generator (so a seeded run repeats its
+    sizes) and eval mode takes the last; with one, nothing is drawn.
     """
 
     def __init__(
         self,
         *,
-        min_size: int,
+        min_size: int | Sequence[int],
         max_size: int,
         size_divisible: int,
         image_mean: tuple[float, float, float],
         image_std: tuple[float, float, float],
     ) -> None:
         super().__init__()
-        self.min_size = min_size
+        self.min_size: tuple[int, ...] = (min_size,) if isinstance(min_size, int) else tuple(min_size)
+        if not self.min_size:
+            raise ValueError("Transform: min_size is empty")
         self.max_size = max_size
         self.size_divisible = size_divisible
         self.register_buffer(
@@ -57,11 +66,18 @@ class Transform(nn.Module):
             "std", torch.tensor(image_std, dtype=torch.float32).view(3, 1, 1), persistent=False
         )
 
-    def resize(self, image: Tensor) -> Tensor:
-        """(3, h, w) -> (3, h', w') with the shorter side ``min_size`` unless the longer side
+    def shorter_side(self) -> int:
+        """The target shorter side of the next image: drawn from ``min_size`` in training mode
+        (one draw per call, none when there is one size), the last size in eval mode."""
+        if self.training and len(self.min_size) > 1:
+            return self.min_size[int(torch.randint(len(self.min_size), ()))]
+        return self.min_size[-1]
+
+    def resize(self, image: Tensor, size: int) -> Tensor:
+        """(3, h, w) -> (3, h', w') with the shorter side ``size`` unless the longer side
         would exceed ``max_size``."""
         h, w = image.shape[-2:]
-        factor = min(self.min_size / min(h, w), self.max_size / max(h, w))
+        factor = min(size / min(h, w), self.max_size / max(h, w))
         if math.floor(h * factor) == h and math.floor(w * factor) == w:
             return image  # already at size (e.g. preprocessed): bilinear would be the identity
         return F.interpolate(
@@ -82,7 +98,8 @@ class Transform(nn.Module):
         for i, image in enumerate(images):
             if image.dim() != 3 or image.shape[0] != 3:
                 raise ValueError(f"Transform: image {i} has shape {tuple(image.shape)}, expected (3, H, W)")
-            out = self.resize((image - self.mean.to(image)) / self.std.to(image))  # (3, h_i, w_i)
+            normalised = (image - self.mean.to(image)) / self.std.to(image)
+            out = self.resize(normalised, self.shorter_side())  # (3, h_i, w_i)
             resized.append(out)
             if targets is not None:
                 target = dict(targets[i])

@@ -211,8 +211,8 @@ class EvaluateConfig:
 class ProfileConfig:
     """Section `profile:` (stage profile): what to time and how long.
 
-    Inputs are seeded synthetic images of model.min_size x model.max_size (height x width);
-    the training step runs at train.batch_size.
+    Inputs are seeded synthetic images of model.min_size (the last of a list: the test size) x
+    model.max_size (height x width); the training step runs at train.batch_size.
     """
 
     batch_sizes: tuple[int, ...] = (1,)

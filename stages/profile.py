@@ -7,10 +7,10 @@ Run (dvc.yaml does this)::
         --metrics metrics/profile.json --plots plots/profile_split.csv
 
 Measures on the CPU and, when one is visible, on the GPU (profile.devices). Inputs are
-seeded synthetic images of model.min_size x model.max_size; every subject runs alternately on
-the same inputs (the machine's noise falls on all alike). Threads: profile.threads (0: torch's
-default; set OMP_NUM_THREADS or profile.threads to pin it). The PNG of the split goes beside
-the CSV unless ``--png`` names it. MLflow: the metrics and files are logged to the model's run
+seeded synthetic images of model.min_size (the last of a list: the test size) x model.max_size;
+every subject runs alternately on the same inputs (the machine's noise falls on all alike).
+Threads: profile.threads (0: torch's default; set OMP_NUM_THREADS or profile.threads to pin
+it). The PNG of the split goes beside the CSV unless ``--png`` names it. MLflow: the metrics and files are logged to the model's run
 (``extra["mlflow_run_id"]`` of the model file) at ``MLFLOW_TRACKING_URI``, else
 ``sqlite:///<project root>/mlflow.db``; ``--no-mlflow`` only writes the files. If the tracking
 store cannot be reached the files are still written and the command exits 1.

@@ -58,7 +58,7 @@ def markdown_table(run: AblationRun) -> str:
     lines = [
         "# FPN ablations: RPN proposal recall (Table 1) and Faster R-CNN AP (Tables 2-3)",
         "",
-        f"Every row: {m.backbone}, norm {m.norm}, d={m.fpn_channels}, images {m.min_size}-{m.max_size} px, "
+        f"Every row: {m.backbone}, norm {m.norm}, d={m.fpn_channels}, images {m.describe_sizes()}, "
         f"{t.iterations} iterations x {t.batch_size * t.num_workers} images (lr {t.lr:g} per "
         f"{t.lr_reference_batch}, steps {list(t.lr_steps)}), seed {t.seed}; data hash {run.data_hash[:12]}, "
         f"{int(run.results[0].metrics['num_val_images'])} validation images. Proposal recall is class-agnostic "

@@ -108,7 +108,7 @@ def torchvision_reference(cfg: ModelConfig) -> FasterRCNN:
     return FasterRCNN(
         backbone,
         num_classes=None,  # given by box_predictor
-        min_size=cfg.min_size,
+        min_size=cfg.min_size,  # an int or a tuple: torchvision's convention is ours (test at the last)
         max_size=cfg.max_size,
         image_mean=list(cfg.image_mean),
         image_std=list(cfg.image_std),

@@ -16,8 +16,9 @@ Subjects (the names used in metrics, plots and the table):
   paper's baseline: FPN should cost about as much at test time).
 
 On each device, for each batch size, all inference subjects run alternately on the same
-seeded images (model.min_size x model.max_size); then the training-step subjects alternately
-at train.batch_size with the same seeded targets.
+seeded images (model.min_size, the last of a list: the test size, x model.max_size); then the
+training-step subjects alternately at train.batch_size with the same seeded targets (in training
+mode, so a list of min_size draws each image's size as training does).
 """
 
 from __future__ import annotations
@@ -187,7 +188,9 @@ def _measure_inference(
     result: ProfileResult,
 ) -> None:
     for batch_size in profile.batch_sizes:
-        images = synthetic_images(batch_size, cfg.min_size, cfg.max_size, seed=profile.seed, device=device)
+        images = synthetic_images(
+            batch_size, cfg.test_min_size, cfg.max_size, seed=profile.seed, device=device
+        )
         with ExitStack() as stack:
             workloads = {
                 name: stack.enter_context(
@@ -226,7 +229,9 @@ def _measure_train_steps(
     device: str,
     result: ProfileResult,
 ) -> None:
-    images = synthetic_images(batch_size, cfg.min_size, cfg.max_size, seed=profile.seed + 1, device=device)
+    images = synthetic_images(
+        batch_size, cfg.test_min_size, cfg.max_size, seed=profile.seed + 1, device=device
+    )
     targets = synthetic_targets(images, cfg.num_classes, seed=profile.seed)
     workloads = {name: TrainStepWorkload(model.to(device), images, targets) for name, model in models.items()}
     timings = measure_alternating(

@@ -28,6 +28,18 @@ def test_dict_round_trip_and_lists_become_tuples() -> None:
     assert isinstance(cfg.to_dict()["anchor_sizes"], list)
 
 
+def test_min_size_list_is_multi_scale_and_round_trips() -> None:
+    cfg = fpn.ModelConfig(min_size=[640, 672, 800], max_size=1333)
+    assert cfg.min_size == cfg.min_sizes == (640, 672, 800) and cfg.test_min_size == 800
+    assert cfg.to_dict()["min_size"] == [640, 672, 800]
+    assert fpn.ModelConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.describe_sizes() == "800-1333 px (training: [640, 672, 800])"
+    # A single int stays an int: the same plain values (and run names) as before lists.
+    single = fpn.ModelConfig(min_size=800)
+    assert single.to_dict()["min_size"] == 800 and single.min_sizes == (800,) and single.test_min_size == 800
+    assert single.describe_sizes() == "800-1333 px"
+
+
 def test_unknown_key_is_named() -> None:
     with pytest.raises(ValueError, match="fpn_chanels"):
         fpn.ModelConfig.from_dict({"fpn_chanels": 64})
@@ -42,6 +54,11 @@ def test_unknown_key_is_named() -> None:
         ({"fpn_channels": 0}, "fpn_channels", ">= 1"),
         ({"min_size": -800}, "min_size", ">= 1"),
         ({"min_size": 800, "max_size": 600}, "max_size", ">= min_size"),
+        ({"min_size": []}, "min_size", "non-empty list"),
+        ({"min_size": [640, 0]}, "min_size", ">= 1, got \\[640, 0\\]"),
+        ({"min_size": [640, 800.0]}, "min_size", "integer"),
+        ({"min_size": [640, True]}, "min_size", "integer"),
+        ({"min_size": [640, 1400], "max_size": 1333}, "max_size", "1400.*got 1333"),
         ({"size_divisible": 20}, "size_divisible", "multiple of 32"),
         ({"trainable_stages": 6}, "trainable_stages", "<= 5"),
         ({"num_classes": 0}, "num_classes", ">= 1"),

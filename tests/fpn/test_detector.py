@@ -80,6 +80,24 @@ def test_train_losses_and_eval_detections(backbone: str, norm: str) -> None:
         assert 0 < p <= 50 and out["proposal_scores"].shape == (p,)
 
 
+def test_min_size_list_trains_multi_scale_and_tests_at_the_last_size() -> None:
+    torch.manual_seed(0)
+    model = fpn.build_detector(small_config(min_size=[64, 96]))
+    assert model.transform.min_size == (64, 96)
+    images, targets = images_and_targets()
+    model.train()
+    losses = model(images, targets)
+    assert set(losses) == LOSS_NAMES and all(torch.isfinite(v) for v in losses.values())
+    model.eval()
+    batch, _ = model.transform(images)
+    assert [min(size) for size in batch.image_sizes] == [96, 96]
+    with torch.no_grad():
+        outputs = model(images)
+    for out, image in zip(outputs, images, strict=True):  # boxes back in input pixels
+        h, w = image.shape[-2:]
+        assert out["proposals"][:, 0::2].max() <= w + 1e-3 and out["proposals"][:, 1::2].max() <= h + 1e-3
+
+
 def test_train_mode_without_targets_raises() -> None:
     model = fpn.build_detector(small_config())
     model.train()

@@ -45,6 +45,14 @@ def test_lists_become_tuples_and_ints_floats() -> None:
     assert isinstance(params.train.lr, float)
 
 
+def test_model_min_size_takes_a_yaml_list_for_multi_scale_training() -> None:
+    raw = yaml.safe_load("model:\n  min_size: [640, 672, 800]\n  max_size: 1333\n")
+    params = params_from_dict(raw)
+    assert params.model.min_size == (640, 672, 800) and params.model.test_min_size == 800
+    assert params.to_dict()["model"]["min_size"] == raw["model"]["min_size"]  # as written: a list
+    assert params_from_dict(yaml.safe_load("model:\n  min_size: 640\n")).to_dict()["model"]["min_size"] == 640
+
+
 @pytest.mark.parametrize(
     ("raw", "needle"),
     [
@@ -54,6 +62,8 @@ def test_lists_become_tuples_and_ints_floats() -> None:
         ({"train": {"num_workers": 1.5}}, "train.num_workers"),
         ({"train": {"use_gpu": "yes"}}, "train.use_gpu"),
         ({"model": {"anchor_sizes": 32}}, "model.anchor_sizes"),
+        ({"model": {"min_size": [640, "big"]}}, "model.min_size"),
+        ({"model": {"min_size": []}}, "ModelConfig.min_size"),
         ({"data": ["x"]}, "data"),
     ],
 )

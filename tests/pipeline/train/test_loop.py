@@ -134,12 +134,16 @@ def job(params, data: Path, *, validate: bool = False, tracking_uri: str | None 
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("validate", [False, True], ids=["plain", "validating"])
+@pytest.mark.parametrize(
+    ("validate", "model"),
+    [(False, None), (True, None), (False, {"min_size": [64, 80, 96]})],
+    ids=["plain", "validating", "multi_scale"],  # multi-scale: the drawn sizes resume too
+)
 def test_interrupted_and_resumed_trains_exactly_like_uninterrupted(
-    data: Path, tmp_path: Path, validate: bool
+    data: Path, tmp_path: Path, validate: bool, model: dict | None
 ) -> None:
     # 12 images / batch 2 = 6 batches an epoch: the crash at 4 is mid-epoch, the run spans 2 epochs.
-    params = params_from_dict(tiny_params(iterations=8, checkpoint_every=4, log_every=8))
+    params = params_from_dict(tiny_params(model, iterations=8, checkpoint_every=4, log_every=8))
     straight = LocalSession(tmp_path / "straight")
     train_worker(job(params, data, validate=validate), straight)
 
