@@ -44,17 +44,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
-import fpn
-from pipeline.coco_format import CocoFormatError
-from pipeline.config import ConfigError, DataConfig, PreprocessConfig
-from pipeline.dataset import read_index
-from pipeline.evaluate.coco_eval import STANDARD_KEYS, evaluate_detections, load_ground_truth
-from pipeline.fetch.stage import fetch_dataset
-from pipeline.inference import coco_results, predict_split
-from pipeline.model_file import save_model_file
-from pipeline.preprocess.stage import PreprocessError, preprocess_dataset
-from pipeline.profile.timing import machine_description
-from pipeline.train.init_weights import download_checkpoint
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# The fpn/, pipeline/ and benchmarks/ beside this file, not an installed copy.
+if sys.path[:1] != [str(REPO_ROOT)]:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import fpn  # noqa: E402
+from benchmarks.local_coco import fetch_and_preprocess  # noqa: E402
+from pipeline.coco_format import CocoFormatError  # noqa: E402
+from pipeline.config import ConfigError  # noqa: E402
+from pipeline.dataset import read_index  # noqa: E402
+from pipeline.evaluate.coco_eval import STANDARD_KEYS, evaluate_detections, load_ground_truth  # noqa: E402
+from pipeline.inference import coco_results, predict_split  # noqa: E402
+from pipeline.model_file import save_model_file  # noqa: E402
+from pipeline.preprocess.stage import PreprocessError  # noqa: E402
+from pipeline.profile.timing import machine_description  # noqa: E402
+from pipeline.train.init_weights import download_checkpoint  # noqa: E402
 
 DEFAULT_BOOST = 8.0  # random weights: added to the class logits of BOOSTED_CATEGORIES
 BOOSTED_CATEGORIES = (1,)  # person
@@ -193,11 +198,8 @@ def run_pipeline(
     larger batches pad images to a common size, which moves a few proposals).
     """
     start = time.perf_counter()
-    other = "train2017" if split != "train2017" else "val2017"  # DataConfig wants two distinct splits
-    data = DataConfig(source="local", max_images=limit, val_split=split, train_split=other, local_link=True)
-    fetched, preprocessed, model_file = work / "coco", work / "preprocessed", work / "model.pt"
-    fetch_dataset(data, fetched, local_dir=coco_dir, splits=(split,), progress=progress)
-    preprocess_dataset(fetched, preprocessed, splits=(split,), cfg=PreprocessConfig(), progress=progress)
+    preprocessed = fetch_and_preprocess(coco_dir, work, split, limit=limit, progress=progress)
+    model_file = work / "model.pt"
     model, config = fidelity_model(state_dict, min_size=min_size, max_size=max_size)
     categories = torchvision_coco_categories()
     save_model_file(model_file, model, config, categories, extra={"purpose": "coco_fidelity"})
