@@ -28,6 +28,7 @@ and stages that never use Ray (fetch, ``--no-ray`` runs) should not pay for it.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -45,6 +46,7 @@ from pathlib import Path
 import psutil
 
 from pipeline.config import ConfigError, Params
+from pipeline.ddp_address import gloo_address_problem
 from pipeline.ports import free_port
 from pipeline.runtime_env import code_runtime_env
 from pipeline.storage import is_uri, join_location, location_exists, remove_file, write_empty_file
@@ -242,7 +244,6 @@ OBJECT_STORE_HINT = (
     "every node needs the bucket's credentials and endpoint in the environment of its Ray processes: "
     "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL"
 )
-WEIGHTS_HINT = "train.init_weights must be a file every node sees at the same path: NFS"
 TRACKING_HINT = "every node must reach the tracking server at that address"
 LOOPBACK_HINT = "on each node that names the node itself: give the tracking server's private IP"
 
@@ -256,6 +257,9 @@ class NodeChecks:
     probe: str | None  # the file (object) the driver wrote into `storage`
     tracking_uri: str | None  # an http(s) MLflow URI whose /health must answer
     timeout_s: float = 5.0  # for each check
+    gloo: bool = (
+        False  # CPU DDP across nodes: gloo must advertise a reachable address (`pipeline.ddp_address`)
+    )
 
 
 def _split_files(root: Path, split: str) -> list[Path]:
@@ -301,7 +305,16 @@ def probe_node(checks: NodeChecks) -> list[str]:
                 else TRACKING_HINT
             )
             problems.append(f"cannot reach the MLflow tracking server {uri}: {failed} ({hint})")
+    if checks.gloo and (problem := gloo_address_problem()):
+        problems.append(problem)
     return problems
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:  # a hostname
+        return address == "localhost"
 
 
 def nodes_message(where: str, nodes: int, failures: Sequence[tuple[str, Sequence[str]]]) -> str:
@@ -315,8 +328,8 @@ def check_nodes(
     split: str,
     storage: str,
     tracking_uri: str,
-    init_weights: str | None = None,
     *,
+    gloo: bool = False,
     where: str = "the Ray cluster",
     timeout_s: float = 5.0,
     answer_timeout_s: float = 60.0,
@@ -325,12 +338,13 @@ def check_nodes(
 
     One task per node (``num_cpus=0``, pinned with a hard node affinity, so it runs even when
     training workers hold every CPU) runs `probe_node`: the data's ``categories.json`` and
-    ``<split>/``'s split.json, index.parquet and shards readable, ``init_weights`` (a local file,
-    when given) readable, a ``storage`` folder or object-store URI shared (it sees a probe file the
-    driver writes there first, removed afterwards with any folder made for it) and writable, an
-    http(s) ``tracking_uri`` answering
-    ``/health``: each within ``timeout_s``; a node that does not answer in ``answer_timeout_s``
-    is reported too. On one node nothing is checked: the driver has read the data already.
+    ``<split>/``'s split.json, index.parquet and shards readable, a ``storage`` folder or
+    object-store URI shared (it sees a probe file the driver writes there first, removed
+    afterwards with any folder made for it) and writable, an http(s) ``tracking_uri`` answering
+    ``/health``: each within ``timeout_s``; with ``gloo`` (CPU DDP over several workers), an
+    address gloo can advertise (`pipeline.ddp_address.gloo_address_problem`; not when every node
+    is on loopback addresses: one machine, where loopback works). A node that does
+    not answer in ``answer_timeout_s`` is reported too. On one node nothing is checked: the driver has read the data already.
     """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -340,13 +354,12 @@ def check_nodes(
         return
     root = Path(data_root)
     files = [(str(path), DATA_HINT) for path in [root / "categories.json", *_split_files(root, split)]]
-    if init_weights and not is_uri(init_weights):
-        files.append((init_weights, WEIGHTS_HINT))
     web = tracking_uri if tracking_uri.startswith(("http://", "https://")) else None
     task = ray.remote(num_cpus=0, max_retries=0)(probe_node)
     failures: list[tuple[str, Sequence[str]]] = []
     with _storage_probe(storage) as probe:
-        checks = NodeChecks(tuple(files), storage, probe, web, timeout_s)
+        one_host = all(_is_loopback(node["NodeManagerAddress"]) for node in nodes)  # nodes on one machine
+        checks = NodeChecks(tuple(files), storage, probe, web, timeout_s, gloo and not one_host)
         refs = {
             task.options(
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)

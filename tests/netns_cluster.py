@@ -54,6 +54,9 @@ PREFIX = "fpnrt"  # every namespace this helper makes starts with it: fpnrt<pid>
 PORT = 6379  # the GCS port: free in a fresh namespace
 START_TIMEOUT_S = 90
 TEMP_PARENT = "/tmp"  # each cluster's temp dir: /tmp/<cluster name>-<random>
+IFNAME = (
+    "fpn0"  # the cluster network's interface in every namespace: the head's bridge, each worker's veth end
+)
 _counter = itertools.count(1)
 
 
@@ -176,7 +179,14 @@ def start_netns_cluster(workers: int = 1, *, cpus_per_node: int = 1, subnet: str
         node_args = ["--num-cpus", str(cpus_per_node), "--object-store-memory", str(object_store_mb * 2**20),
                      "--disable-usage-stats"]  # fmt: skip
         ray = str(Path(sys.executable).parent / "ray")
-        env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": cluster.token}
+        # Every node's hostname is this machine's, which no namespace can bind: gloo (CPU DDP) is
+        # told its interface, as on real machines whose hostname resolves to 127.0.1.1.
+        env = {
+            **os.environ,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": cluster.token,
+            "GLOO_SOCKET_IFNAME": IFNAME,
+        }
         env.pop("RAY_ADDRESS", None)
         _ray_start(
             cluster.in_head([ray, "start", "--head", "--port", str(cluster.port), "--node-ip-address", cluster.head_ip,
@@ -232,18 +242,18 @@ def _make_network(cluster: NetnsRayCluster) -> None:
     head = cluster.head_ns
     steps = [
         f"-n {head} link set lo up",
-        f"-n {head} link add br0 type bridge",
-        f"-n {head} addr add {cluster.head_ip}/24 dev br0",
-        f"-n {head} link set br0 up",
+        f"-n {head} link add {IFNAME} type bridge",
+        f"-n {head} addr add {cluster.head_ip}/24 dev {IFNAME}",
+        f"-n {head} link set {IFNAME} up",
     ]
     for k, (ns, ip) in enumerate(zip(cluster.worker_ns, cluster.worker_ips, strict=True), start=1):
         steps += [
             f"netns add {ns}",
             f"-n {ns} link set lo up",
-            f"-n {head} link add w{k} type veth peer name eth0 netns {ns}",  # made in the head's namespace
-            f"-n {head} link set w{k} master br0 up",
-            f"-n {ns} addr add {ip}/24 dev eth0",
-            f"-n {ns} link set eth0 up",
+            f"-n {head} link add w{k} type veth peer name {IFNAME} netns {ns}",  # made in the head's namespace
+            f"-n {head} link set w{k} master {IFNAME} up",
+            f"-n {ns} addr add {ip}/24 dev {IFNAME}",
+            f"-n {ns} link set {IFNAME} up",
         ]
     for step in steps:
         done = _ip(*step.split(), check=False)

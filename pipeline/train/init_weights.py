@@ -9,12 +9,18 @@
 The named ones are downloaded into torch's hub cache (``$TORCH_HOME/hub/checkpoints``) by the
 driver, once, before Ray starts; offline, that fails at once with the URL and how to pass a
 local file instead.
+
+On a Ray cluster no node but the driver's needs the file: `share_init_weights` puts its bytes
+in Ray's object store once, and every rank reads them from there (`read_init_weights`, still
+``torch.load(weights_only=True)``: nothing is unpickled from the file).
 """
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -84,3 +90,27 @@ def download_checkpoint(url: str, target: Path) -> None:
     torch.hub.download_url_to_file(
         url, str(target), hash_prefix=found.group(1) if found else None, progress=True
     )
+
+
+def share_init_weights(path: str | None) -> Any:
+    """The bytes of the start weights file in Ray's object store: the ``ObjectRef`` ranks read; None for None.
+
+    Call on a driver connected to the cluster (``ray.init`` done); the object lives while it runs.
+    """
+    if path is None:
+        return None
+    import ray  # lazy: --no-ray never needs it
+
+    return ray.put(Path(path).read_bytes())
+
+
+def read_init_weights(path: str, ref: Any = None) -> dict[str, torch.Tensor]:
+    """The start weights' state dict: from ``ref`` (`share_init_weights`) when given, else the file ``path``.
+
+    Both load with ``torch.load(weights_only=True)``, onto the CPU.
+    """
+    if ref is None:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    import ray
+
+    return torch.load(io.BytesIO(ray.get(ref)), map_location="cpu", weights_only=True)

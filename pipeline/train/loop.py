@@ -74,6 +74,7 @@ from pipeline.train.checkpoint import (
     restore_rng_state,
     rng_state,
 )
+from pipeline.train.init_weights import read_init_weights
 from pipeline.train.schedule import build_optimizer, build_scheduler
 from pipeline.train.sessions import Session
 from pipeline.train.validation import (
@@ -110,6 +111,9 @@ class TrainJob:
     run_tags: tuple[tuple[str, str], ...] = ()
     # Held-out images rank 0 scores at every checkpoint (`RankZero.validate`); None: no validation.
     validation: ValidationSpec | None = None
+    # On Ray: the ObjectRef of init_weights_file's bytes (`share_init_weights`), which every rank
+    # reads instead of the file, so no node but the driver's needs it.
+    init_weights_ref: Any = None
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -241,7 +245,7 @@ def build_model(job: TrainJob, restored: dict[str, Any] | None) -> torch.nn.Modu
     if restored is not None:
         model.load_state_dict(restored["model"])
     elif job.init_weights_file is not None:
-        state = torch.load(job.init_weights_file, map_location="cpu", weights_only=True)
+        state = read_init_weights(job.init_weights_file, job.init_weights_ref)
         # Not strict: fine-tuning keeps what fits (e.g. COCO's 91-way predictor does not fit 3
         # classes, BatchNorm statistics do not fit GroupNorm) and says what it left out.
         report = load_torchvision_weights(model, state, strict=False)

@@ -59,7 +59,7 @@ from pipeline.storage import is_uri, resolve_location
 from pipeline.tracking.run import TrackedRun, fail_running_runs, flatten, tracking_uri
 from pipeline.train.best import BestCheckpoint
 from pipeline.train.checkpoint import Progress, history_rows
-from pipeline.train.init_weights import resolve_init_weights
+from pipeline.train.init_weights import resolve_init_weights, share_init_weights
 from pipeline.train.loop import LOSS_NAMES, TrainJob, train_worker
 from pipeline.train.preflight import check_num_classes, check_train_params
 from pipeline.train.run_lock import hold_run_lock
@@ -190,14 +190,13 @@ def _fit(job: TrainJob, storage: str, *, use_ray: bool) -> tuple[dict[str, Any],
         if job.tracking_uri:
             cluster.check_tracking_reachable(job.tracking_uri, cluster.node_count(), where)
         check_fits(params, cluster.resources(), where)
-        job = dataclasses.replace(job, init_weights_file=resolve_init_weights(params))
+        weights = resolve_init_weights(params)
+        job = dataclasses.replace(
+            job, init_weights_file=weights, init_weights_ref=share_init_weights(weights)
+        )
+        gloo = params.train.num_workers > 1 and not params.train.use_gpu
         cluster.check_nodes(
-            job.data_root,
-            params.data.train_split,
-            storage,
-            job.tracking_uri or "",
-            job.init_weights_file,
-            where=where,
+            job.data_root, params.data.train_split, storage, job.tracking_uri or "", gloo=gloo, where=where
         )
         log.info("training run %s (storage %s) on %s", name, storage, where)
         return ray_train.fit(job, storage)

@@ -59,7 +59,7 @@ from pipeline.provenance import git_commit, project_root
 from pipeline.storage import join_location, resolve_location
 from pipeline.tracking.run import TrackedRun, flatten, tracking_uri
 from pipeline.tracking.server import serve_sqlite
-from pipeline.train.init_weights import resolve_init_weights
+from pipeline.train.init_weights import resolve_init_weights, share_init_weights
 from pipeline.train.loop import TrainJob
 from pipeline.train.preflight import check_num_classes, check_train_params
 from pipeline.train.ray_train import build_trainer
@@ -111,6 +111,7 @@ class Sweep:
     parent_run_id: str | None
     train_storage: str  # Ray Train runs of the trials: <train_storage>/<trial name>
     init_weights_file: str | None
+    init_weights_ref: Any  # its bytes in Ray's object store (`share_init_weights`): no node needs the file
 
     def trial_params(self, sample: dict[str, Any]) -> Params:
         """The params a trial trains with: the sample applied, the length and checkpoints set by ``tune:``."""
@@ -168,6 +169,7 @@ def run_trial(config: dict[str, Any], sweep: Sweep) -> None:
         git_commit=sweep.git_commit,
         tracking_uri=sweep.tracking_uri,
         init_weights_file=sweep.init_weights_file,
+        init_weights_ref=sweep.init_weights_ref,
         run_tags=sweep.run_tags(context.get_trial_id()),
         validation=sweep.validation(params),
     )
@@ -324,7 +326,8 @@ def _run_trials(
             tracking_uri=trial_uri if parent.run_id else None,
             parent_run_id=parent.run_id,
             train_storage=join_location(storage, name, "train"),
-            init_weights_file=resolve_init_weights(params),
+            init_weights_file=(weights := resolve_init_weights(params)),
+            init_weights_ref=share_init_weights(weights),  # connected: `run_tune` connects first
         )
         ledger = TrialLedger()
         _tuner(sweep, storage, ledger).fit()

@@ -44,12 +44,14 @@ def test_resize_is_the_models_resize_on_uint8() -> None:
     for height, width in ((48, 64), (64, 48), (30, 100)):  # landscape, portrait, capped by max_size
         image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator)
         resized = resize_to_training_size(image, min_size=MIN_SIZE, max_size=MAX_SIZE)
-        expected = transform.resize(image.float())
+        expected = transform.resize(image.float(), MIN_SIZE)
         assert resized.dtype == torch.uint8 and resized.shape == expected.shape and at_training_size(resized)
         assert (
             resized.float() - expected
         ).abs().max() < 1.5  # the uint8 kernel's fixed-point weights, rounding
-        assert transform.resize(resized.float()).shape == resized.shape  # the model leaves it as it is
+        assert (
+            transform.resize(resized.float(), MIN_SIZE).shape == resized.shape
+        )  # the model leaves it as it is
     # an image without boxes: the empty target stays empty, (0, 4)
     empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "image_id": 1}
     resized, target = AtTrainingSize([(image, empty)], min_size=MIN_SIZE, max_size=MAX_SIZE)[0]

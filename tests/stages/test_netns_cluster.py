@@ -54,9 +54,14 @@ def health_server(netns_cluster: NetnsRayCluster) -> Iterator[int]:  # noqa: F81
         server.wait()
 
 
-def run_train(cluster: NetnsRayCluster, root: Path, data: Path, tracking_uri: str) -> tuple[int, str]:
-    """``python -m stages.train`` as a driver in the head's namespace; returns its exit code and stderr."""
-    params = write_params(root / "params.yaml", tiny_params())
+def train_in_head(
+    cluster: NetnsRayCluster, root: Path, data: Path, tracking_uri: str, **train: object
+) -> tuple[int, str, Path]:
+    """``python -m stages.train`` (`tiny_params` with ``train``) as a driver in the head's namespace.
+
+    Returns its exit code, its stderr and the output folder (on the shared storage).
+    """
+    params = write_params(root / "params.yaml", tiny_params(**train))
     out = cluster.shared / root.name / "out"
     command = [
         sys.executable, "-m", "stages.train", "--params", str(params), "--data", str(data),
@@ -70,10 +75,16 @@ def run_train(cluster: NetnsRayCluster, root: Path, data: Path, tracking_uri: st
     print(
         f"stages.train on the netns cluster: exit {done.returncode} in {time.perf_counter() - started:.1f} s"
     )
+    return done.returncode, done.stderr, out
+
+
+def run_train(cluster: NetnsRayCluster, root: Path, data: Path, tracking_uri: str) -> tuple[int, str]:
+    """`train_in_head` refused by the preflight: nothing written but the run's lock; exit code and stderr."""
+    code, stderr, out = train_in_head(cluster, root, data, tracking_uri)
     written = [p.relative_to(out) for p in out.rglob("*") if p.is_file()] if out.exists() else []
     # Only the run's lock (held from before Ray starts, `pipeline.train.run_lock`); no output, no probe.
     assert all(p.parent == Path("runs") and p.suffix == ".lock" for p in written), written
-    return done.returncode, done.stderr
+    return code, stderr
 
 
 def test_data_only_the_driver_sees_fails_naming_the_worker_node(
@@ -113,3 +124,27 @@ def test_a_tracking_server_on_localhost_fails_naming_the_worker_node(
     assert "Connection refused" in stderr, stderr
     assert f"node {cluster.head_ip}:" not in stderr and "cannot read" not in stderr, stderr
     assert "Traceback" not in stderr
+
+
+def test_start_weights_only_the_driver_has_reach_the_rank_on_the_other_node(
+    netns_cluster: NetnsRayCluster,  # noqa: F811 (the fixture)
+    health_server: int,
+) -> None:
+    import torch
+    import torchvision
+
+    cluster = netns_cluster
+    root = cluster.shared / "weights"
+    data = tiny_data(root / "data", train_images=4, val_images=2)
+    torch.manual_seed(5)
+    weights = cluster.private / "resnet18.pth"  # only the head's namespace (and the driver) sees it
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    # Two ranks of 1 CPU on two nodes of 1 CPU: one rank runs on the worker node.
+    code, stderr, out = train_in_head(
+        cluster, root, data, f"http://{cluster.head_ip}:{health_server}",
+        init_weights=str(weights), num_workers=2, iterations=2, checkpoint_every=2, log_every=1,
+    )  # fmt: skip
+    assert code == 0, stderr[-5000:]
+    assert "init weights " in stderr and "tensors loaded" in stderr, stderr[-3000:]
+    assert (out / "model.pt").is_file() and (out / "train.json").is_file()

@@ -43,6 +43,7 @@ def make_sweep(**tune: object) -> Sweep:
         parent_run_id="parent123",
         train_storage="/runs/tune-test/train",
         init_weights_file=None,
+        init_weights_ref=None,
     )
 
 
