@@ -342,8 +342,8 @@ def check_nodes(
     object-store URI shared (it sees a probe file the driver writes there first, removed
     afterwards with any folder made for it) and writable, an http(s) ``tracking_uri`` answering
     ``/health``: each within ``timeout_s``; with ``gloo`` (CPU DDP over several workers), an
-    address gloo can advertise (`pipeline.ddp_address.gloo_address_problem`; not when every node
-    is on loopback addresses: one machine, where loopback works). A node that does
+    address gloo can advertise (`pipeline.ddp_address.gloo_address_problem`; not when the nodes
+    share one address or are all on loopback: one machine, where loopback works). A node that does
     not answer in ``answer_timeout_s`` is reported too. On one node nothing is checked: the driver has read the data already.
     """
     import ray
@@ -358,7 +358,8 @@ def check_nodes(
     task = ray.remote(num_cpus=0, max_retries=0)(probe_node)
     failures: list[tuple[str, Sequence[str]]] = []
     with _storage_probe(storage) as probe:
-        one_host = all(_is_loopback(node["NodeManagerAddress"]) for node in nodes)  # nodes on one machine
+        addresses = {node["NodeManagerAddress"] for node in nodes}
+        one_host = len(addresses) == 1 or all(map(_is_loopback, addresses))  # loopback works there
         checks = NodeChecks(tuple(files), storage, probe, web, timeout_s, gloo and not one_host)
         refs = {
             task.options(
