@@ -108,6 +108,7 @@ class PreprocessConfig:
 
 
 AMP_MODES = ("bf16", "fp16", "off")
+LOADERS = ("torch", "ray_data")  # train.loader
 # Keys that moved: where each one lives now.
 MOVED_KEYS = {
     "TrainConfig.storage_path": "it is storage.train now (section storage:)",
@@ -134,6 +135,10 @@ class TrainConfig:
     init_weights: str | None = None  # None (random) | imagenet | torchvision-coco | path to a state dict
     flip_prob: float = 0.5
     loader_workers: int = 0
+    # torch: a DataLoader on each worker (loader_workers processes); ray_data: Ray Data streams the
+    # shards to each Ray Train worker (`pipeline.train.streaming`; needs CPUs beyond the workers').
+    # The same batches either way; without Ray, torch.
+    loader: str = "torch"
     checkpoint_every: int = 500
     max_failures: int = 2
     log_every: int = 20
@@ -177,6 +182,8 @@ class TrainConfig:
                 f"eval_every: must be a multiple of checkpoint_every ({self.checkpoint_every}): validation "
                 f"scores a checkpoint; got {self.eval_every}"
             )
+        if self.loader not in LOADERS:
+            raise ValueError(f"loader: must be one of {', '.join(LOADERS)}, got {self.loader!r}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp: must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
         if not 0.0 <= self.flip_prob <= 1.0:

@@ -51,6 +51,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,7 @@ from pipeline.train.checkpoint import (
 from pipeline.train.init_weights import read_init_weights
 from pipeline.train.schedule import build_optimizer, build_scheduler
 from pipeline.train.sessions import Session
+from pipeline.train.streaming import dataset_name, stream_batches
 from pipeline.train.validation import (
     VALIDATION_METRICS,
     HoldoutSet,
@@ -500,6 +502,25 @@ def epoch_loader(
     )
 
 
+def epoch_source(
+    job: TrainJob, session: Session, state: TrainState, dataset: DetectionDataset
+) -> Iterator[tuple[list[torch.Tensor], list[dict[str, Any]]]]:
+    """The ``(images, targets)`` batches of the rest of epoch ``progress.epoch`` on this rank.
+
+    ``train.loader: ray_data`` under Ray Train: this rank's Ray Dataset of the epoch
+    (`pipeline.train.streaming`); otherwise (and without Ray) a DataLoader over the same shards.
+    Both give the same batches in the same order, flipped alike, from ``batch_in_epoch`` on.
+    """
+    t, progress = job.params.train, state.progress
+    if t.loader == "ray_data":
+        rows = session.rows(dataset_name(session.rank, progress.epoch))
+        if rows is not None:
+            return stream_batches(rows, progress.batch_in_epoch)
+    batches = epoch_batches(dataset, job, session, progress.epoch)[progress.batch_in_epoch :]
+    dataset.set_epoch(progress.epoch)  # the epoch's flips (`DetectionDataset.flips`)
+    return iter(epoch_loader(dataset, batches, t, state.device, progress.epoch, session.rank))
+
+
 def _write_status(job: TrainJob, session: Session, fields: dict[str, Any]) -> None:
     """``<status_dir>/rank<k>.json``: who this worker is and where it is (atomic replace; every rank)."""
     if job.status_dir is None:
@@ -775,11 +796,8 @@ def train_epoch(
     Starts at batch ``batch_in_epoch`` of `epoch_batches` (the same list on every attempt), so
     a resumed epoch skips the batches it already trained on.
     """
-    t, progress = job.params.train, state.progress
-    batches = epoch_batches(dataset, job, session, progress.epoch)[progress.batch_in_epoch :]
-    dataset.set_epoch(progress.epoch)  # the epoch's flips (`DetectionDataset.flips`)
-    loader = epoch_loader(dataset, batches, t, state.device, progress.epoch, session.rank)
-    batch_iter = iter(loader)
+    t = job.params.train
+    batch_iter = epoch_source(job, session, state, dataset)
     step_start = time.perf_counter()
     for images, targets in batch_iter:
         step = train_step(state, images, targets, t)

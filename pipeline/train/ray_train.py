@@ -6,7 +6,9 @@
   from ``train:``; DDP over NCCL on GPUs, gloo on CPUs (``TorchConfig(backend=...)``);
 * ``RunConfig(name=<run name>, storage_path, failure_config=FailureConfig(max_failures),
   checkpoint_config=CheckpointConfig(num_to_keep=2))``; when the job validates, ranked by
-  ``val_ap`` (`pipeline.train.best`): the latest and the 2 best are kept.
+  ``val_ap`` (`pipeline.train.best`): the latest and the 2 best are kept;
+* with ``train.loader: ray_data``, one Ray Dataset per (rank, epoch) (`pipeline.train.streaming`)
+  and ``DataConfig(datasets_to_split=[])``: each worker reads its own rank's plan.
 
 After a worker dies, Ray restarts the worker group and the loop resumes from
 ``ray.train.get_checkpoint()``; a new `fit` with the same ``(storage_path, name)`` -- the same
@@ -33,6 +35,7 @@ from pipeline.train.best import BEST_METRIC, BestCheckpoint, best_of
 from pipeline.train.checkpoint import load_checkpoint
 from pipeline.train.loop import TrainJob, train_worker
 from pipeline.train.sessions import RaySession
+from pipeline.train.streaming import plan_datasets
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +75,19 @@ def build_trainer(job: TrainJob, storage_path: str, *, callbacks: list[Any] | No
 
     ``callbacks`` go into the Train ``RunConfig`` (e.g. Tune's ``TuneReportCallback``).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     t = job.params.train
+    data: dict[str, Any] = {}
+    if t.loader == "ray_data":  # each worker takes its own rank's datasets whole (not split by Ray)
+        data = {
+            "datasets": plan_datasets(
+                job.data_root, job.params.data.train_split, batch_size=t.batch_size, seed=t.seed,
+                flip_prob=t.flip_prob, world_size=t.num_workers, iterations=t.iterations,
+            ),
+            "dataset_config": DataConfig(datasets_to_split=[]),
+        }  # fmt: skip
     resources: dict[str, float] = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
         resources["GPU"] = 1
@@ -97,6 +109,7 @@ def build_trainer(job: TrainJob, storage_path: str, *, callbacks: list[Any] | No
             ),
             callbacks=callbacks,
         ),
+        **data,
     )
 
 

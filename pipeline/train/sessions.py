@@ -19,6 +19,7 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -51,6 +52,10 @@ class Session(Protocol):
 
     def report(self, metrics: dict[str, float], state: dict[str, Any] | None, iteration: int) -> None:
         """Hand over metrics (every rank) and, from rank 0, a checkpoint state to keep."""
+        ...
+
+    def rows(self, name: str) -> Iterator[dict[str, Any]] | None:
+        """The rows of this worker's Ray Dataset ``name`` (``train.loader: ray_data``), or None without one."""
         ...
 
 
@@ -93,6 +98,10 @@ class LocalSession:
             if old.name != checkpoint_dir_name(iteration):
                 shutil.rmtree(old, ignore_errors=True)
 
+    def rows(self, name: str) -> Iterator[dict[str, Any]] | None:
+        """No Ray Data in one process: the loop reads the shards through a DataLoader."""
+        return None
+
     @staticmethod
     def metrics(checkpoint: Path) -> dict[str, Any]:
         """The report saved with ``checkpoint`` (``{}`` for one written without it)."""
@@ -126,6 +135,16 @@ class RaySession:
             return None
         with checkpoint.as_directory() as directory:
             return load_checkpoint(directory)
+
+    def rows(self, name: str) -> Iterator[dict[str, Any]] | None:
+        """``ray.train.get_dataset_shard(name)``'s rows, in order; None when the trainer was given no such dataset."""
+        import ray.train
+
+        try:
+            shard = ray.train.get_dataset_shard(name)
+        except (KeyError, ValueError):
+            return None
+        return None if shard is None else iter(shard.iter_rows())
 
     def report(self, metrics: dict[str, float], state: dict[str, Any] | None, iteration: int) -> None:
         import ray.train

@@ -77,6 +77,7 @@ NAME_NEUTRAL_TRAIN_KEYS = frozenset(
         "checkpoint_every",
         "max_failures",
         "loader_workers",
+        "loader",  # the same batches either way (`pipeline.train.streaming`)
         # validation leaves training bit for bit unchanged (`pipeline.train.validation`)
         "eval_every",
         "val_images",

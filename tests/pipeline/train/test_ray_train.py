@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow import MlflowClient
 from ray.train import UserCallback
 
@@ -81,13 +82,17 @@ def steps_in(plots: Path) -> list[int]:
     return [int(line.split(",")[0]) for line in plots.read_text().splitlines()[1:]]
 
 
+@pytest.mark.parametrize("loader", ["torch", "ray_data"])
 def test_two_workers_stay_in_sync_and_a_killed_worker_resumes(
     ray_cluster: LocalRayCluster,  # noqa: F811
     data: Path,
     tmp_path: Path,
+    loader: str,
 ) -> None:
     total = 16
-    raw = tiny_params(**TWO_WORKERS, iterations=total, checkpoint_every=4, log_every=1, max_failures=2)
+    raw = tiny_params(
+        **TWO_WORKERS, iterations=total, checkpoint_every=4, log_every=1, max_failures=2, loader=loader
+    )
     stage = start_stage(ray_cluster, write_params(tmp_path / "params.yaml", raw), data, tmp_path)
     status, log = tmp_path / "status", tmp_path / "stage.log"
 
@@ -185,3 +190,26 @@ def test_rank0_scores_on_its_worker_and_rank1_reports_nan(
     # Rank 0's lines reach the driver (the first at least: Ray forwards a worker's output
     # asynchronously, so the last may arrive after the driver has exited).
     assert "[train] validation iter 2: " in done.stdout + done.stderr, "rank 0's line reaches the driver"
+
+
+def test_ray_data_streams_the_batches_the_dataloader_gives(
+    ray_cluster: LocalRayCluster,  # noqa: F811
+    data: Path,
+    tmp_path: Path,
+) -> None:
+    # 12 images, 2 ranks x batch 2: 3 batches an epoch per rank, so 7 steps span 3 epochs.
+    losses = {}
+    for loader in ("torch", "ray_data"):
+        root = tmp_path / loader
+        root.mkdir()
+        raw = tiny_params(**TWO_WORKERS, iterations=7, checkpoint_every=7, log_every=1, loader=loader)
+        stage = start_stage(ray_cluster, write_params(root / "params.yaml", raw), data, root)
+        finish(stage, root / "stage.log")
+        losses[loader] = (root / "loss.csv").read_text()
+    assert steps_in(tmp_path / "ray_data" / "loss.csv") == list(range(1, 8))
+    # The same images, flips and order on each rank: the same losses, step for step.
+    assert losses["ray_data"] == losses["torch"]
+    a, b = (
+        load_model_file(tmp_path / loader / "model.pt").model.state_dict() for loader in ("torch", "ray_data")
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a)
