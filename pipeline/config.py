@@ -120,6 +120,11 @@ class TrainConfig:
     """Section `train:` (stage train): Ray Train scaling, the schedule and checkpointing."""
 
     num_workers: int = 1
+    # Elastic training (Ray Train's ScalingConfig(num_workers=(min_workers, num_workers))): 0 = a
+    # fixed num_workers; else the run starts with as many workers as fit, at least min_workers,
+    # and after losing a node continues from the latest checkpoint with fewer. The lr follows
+    # the global batch (batch_size x workers), see `pipeline.train.elastic`.
+    min_workers: int = 0
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     batch_size: int = 2  # images per worker per step
@@ -154,6 +159,11 @@ class TrainConfig:
     val_images: int = 50
     system_metrics_s: float = 10.0  # MLflow system metrics (CPU, memory, GPU) sampled this often; 0 = off
 
+    @property
+    def elastic(self) -> bool:
+        """True when the number of workers may change during the run (``min_workers < num_workers``)."""
+        return 0 < self.min_workers < self.num_workers
+
     def __post_init__(self) -> None:
         for key, low in (("num_workers", 1), ("batch_size", 1), ("lr_reference_batch", 1), ("iterations", 1),
                          ("weight_decay", 0.0), ("warmup_iters", 0), ("loader_workers", 0),
@@ -181,6 +191,15 @@ class TrainConfig:
             raise ValueError(
                 f"eval_every: must be a multiple of checkpoint_every ({self.checkpoint_every}): validation "
                 f"scores a checkpoint; got {self.eval_every}"
+            )
+        if self.min_workers < 0 or self.min_workers > self.num_workers:
+            raise ValueError(
+                f"min_workers: must be 0 (fixed) or in [1, num_workers ({self.num_workers})], got {self.min_workers}"
+            )
+        if self.elastic and self.loader == "ray_data":
+            raise ValueError(
+                "loader: ray_data plans each rank's batches for a fixed number of workers; "
+                "use loader: torch with min_workers (elastic training)"
             )
         if self.loader not in LOADERS:
             raise ValueError(f"loader: must be one of {', '.join(LOADERS)}, got {self.loader!r}")

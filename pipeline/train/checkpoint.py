@@ -8,7 +8,7 @@ loads with ``torch.load(weights_only=True)``)::
         "model": state_dict, "optimizer": state_dict, "scheduler": state_dict,
         "scaler": state_dict | None,                       # GradScaler (fp16 on GPUs)
         "progress": {"iteration", "epoch", "batch_in_epoch", "images_seen", "train_seconds",
-                     "attempts"},
+                     "attempts", "world_size"},
         "run": {"run_name", "mlflow_run_id", "data_hash", "git_commit"},
         "history": {"columns": [...], "rows": Tensor[N, C] float64},  # one row per step
         "rng": {"cpu": ByteTensor, "cuda": [ByteTensor, ...]},  # rank 0's generators (`rng_state`)
@@ -66,6 +66,7 @@ class Progress:
     images_seen: int = 0  # over all ranks
     train_seconds: float = 0.0  # time spent in training steps, over all attempts
     attempts: int = 1  # 1 + how many times the run resumed from a checkpoint
+    world_size: int = 0  # workers that wrote it (0: a checkpoint from before it was recorded)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Progress:

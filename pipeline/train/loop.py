@@ -75,6 +75,7 @@ from pipeline.train.checkpoint import (
     restore_rng_state,
     rng_state,
 )
+from pipeline.train.elastic import adapt_to_world_size
 from pipeline.train.init_weights import read_init_weights
 from pipeline.train.schedule import build_optimizer, build_scheduler
 from pipeline.train.sessions import Session
@@ -303,6 +304,7 @@ def build_state(job: TrainJob, session: Session, restored: dict[str, Any] | None
         scheduler.load_state_dict(restored["scheduler"])
         if restored.get("scaler"):
             scaler.load_state_dict(restored["scaler"])
+    adapt_to_world_size(progress, optimizer, scheduler, t, session.world_size)
     seed_random_streams(job, session, restored)
     net: torch.nn.Module = model
     if session.world_size > 1:

@@ -3,7 +3,7 @@
 ``TorchTrainer(train_loop_per_worker=ray_worker)`` with
 
 * ``ScalingConfig(num_workers, use_gpu, resources_per_worker={"CPU": cpus_per_worker[, "GPU": 1]})``
-  from ``train:``; DDP over NCCL on GPUs, gloo on CPUs (``TorchConfig(backend=...)``);
+  from ``train:`` (``num_workers=(min_workers, num_workers)`` when elastic, `pipeline.train.elastic`); DDP over NCCL on GPUs, gloo on CPUs (``TorchConfig(backend=...)``);
 * ``RunConfig(name=<run name>, storage_path, failure_config=FailureConfig(max_failures),
   checkpoint_config=CheckpointConfig(num_to_keep=2))``; when the job validates, ranked by
   ``val_ap`` (`pipeline.train.best`): the latest and the 2 best are kept;
@@ -96,7 +96,9 @@ def build_trainer(job: TrainJob, storage_path: str, *, callbacks: list[Any] | No
         train_loop_config={"job": job},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources
+            num_workers=(t.min_workers, t.num_workers) if t.elastic else t.num_workers,
+            use_gpu=t.use_gpu,
+            resources_per_worker=resources,
         ),
         run_config=RunConfig(
             name=job.run_name,

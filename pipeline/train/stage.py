@@ -190,7 +190,10 @@ def _fit(job: TrainJob, storage: str, *, use_ray: bool) -> tuple[dict[str, Any],
         where = cluster.connect()
         if job.tracking_uri:
             cluster.check_tracking_reachable(job.tracking_uri, cluster.node_count(), where)
-        check_fits(params, cluster.resources(), where)
+        t = params.train
+        # Elastic: the run starts with what fits, at least min_workers (`pipeline.train.elastic`).
+        least = dataclasses.replace(t, num_workers=t.min_workers, min_workers=0) if t.elastic else t
+        check_fits(dataclasses.replace(params, train=least), cluster.resources(), where)
         weights = resolve_init_weights(params)
         job = dataclasses.replace(
             job, init_weights_file=weights, init_weights_ref=share_init_weights(weights)

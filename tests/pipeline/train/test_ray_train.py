@@ -45,13 +45,16 @@ def read_status(directory: Path, rank: int) -> dict | None:
         return None
 
 
-def start_stage(cluster: LocalRayCluster, params: Path, data: Path, root: Path) -> subprocess.Popen:
+def start_stage(
+    cluster: LocalRayCluster, params: Path, data: Path, root: Path, *, tracking_uri: str | None = None
+) -> subprocess.Popen:
+    """``python -m stages.train`` on ``cluster`` (outputs under ``root``; MLflow: ``tracking_uri`` or a SQLite file there)."""
     command = [
         sys.executable, "-m", "stages.train", "--params", str(params), "--data", str(data),
         "--model-out", str(root / "model.pt"), "--metrics", str(root / "train.json"),
         "--plots", str(root / "loss.csv"), "--storage-path", str(root / "runs"), "--status-dir", str(root / "status"),
     ]  # fmt: skip
-    env = cluster.env(MLFLOW_TRACKING_URI=f"sqlite:///{root}/mlflow.db")
+    env = cluster.env(MLFLOW_TRACKING_URI=tracking_uri or f"sqlite:///{root}/mlflow.db")
     log = (root / "stage.log").open("ab")
     return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
 
