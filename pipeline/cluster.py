@@ -49,7 +49,15 @@ from pipeline.config import ConfigError, Params
 from pipeline.ddp_address import gloo_address_problem
 from pipeline.ports import free_port
 from pipeline.runtime_env import code_runtime_env
-from pipeline.storage import is_uri, join_location, location_exists, remove_file, write_empty_file
+from pipeline.storage import (
+    is_uri,
+    join_location,
+    location_exists,
+    open_location,
+    read_location,
+    remove_file,
+    write_empty_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -262,17 +270,17 @@ class NodeChecks:
     )
 
 
-def _split_files(root: Path, split: str) -> list[Path]:
+def _split_files(root: str, split: str) -> list[str]:
     """``<root>/<split>``'s split.json, index.parquet and the shards split.json lists (as far as
-    this driver can read it: a node then reports what it cannot read)."""
+    this driver can read it: a node then reports what it cannot read); paths or URIs."""
     from pipeline.dataset import INDEX_FILE, SPLIT_FILE  # lazy: it imports torch, this module does not
 
-    folder = root / split
+    folder = join_location(root, split)
     try:
-        shards = json.loads((folder / SPLIT_FILE).read_text()).get("shards", [])
+        shards = json.loads(read_location(join_location(folder, SPLIT_FILE))).get("shards", [])
     except (OSError, ValueError, AttributeError):
         shards = []
-    return [folder / SPLIT_FILE, folder / INDEX_FILE, *(folder / str(name) for name in shards)]
+    return [join_location(folder, name) for name in (SPLIT_FILE, INDEX_FILE, *map(str, shards))]
 
 
 def probe_node(checks: NodeChecks) -> list[str]:
@@ -352,8 +360,10 @@ def check_nodes(
     nodes = [node for node in ray.nodes() if node.get("Alive")]
     if len(nodes) < 2:
         return
-    root = Path(data_root)
-    files = [(str(path), DATA_HINT) for path in [root / "categories.json", *_split_files(root, split)]]
+    root = str(data_root)
+    files = [
+        (path, DATA_HINT) for path in [join_location(root, "categories.json"), *_split_files(root, split)]
+    ]
     web = tracking_uri if tracking_uri.startswith(("http://", "https://")) else None
     task = ray.remote(num_cpus=0, max_retries=0)(probe_node)
     failures: list[tuple[str, Sequence[str]]] = []
@@ -439,8 +449,10 @@ def _within(timeout_s: float, check: Callable[[], object]) -> str | None:
     return outcome[0] if outcome else f"no answer in {timeout_s:g} s"
 
 
-def _read_a_byte(path: str) -> None:
-    with open(path, "rb") as file:
+def _read_a_byte(location: str) -> None:
+    """Read the first byte of the file at ``location`` (a path, or a URI through pyarrow)."""
+    source = open_location(location)
+    with open(source, "rb") if isinstance(source, str) else source as file:
         file.read(1)
 
 

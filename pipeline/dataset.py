@@ -8,6 +8,10 @@ Reads what stage preprocess wrote (`pipeline.preprocess.stage`)::
     <root>/<split>/split.json                {"split", "annotation_file", "shards": [names], "images": N}
     <root>/categories.json, manifest.json
 
+``<root>`` is a folder or an object-store URI (``s3://bucket/prefix``: every reader here goes
+through `pipeline.storage`, i.e. pyarrow's filesystems, with the AWS variables of the
+environment); stage preprocess writes a folder, which ``aws s3 sync`` or ``dvc push`` copies up.
+
 A shard row is ``image_id`` (COCO's), ``file`` (its name in the COCO folder), ``image`` (the
 ORIGINAL encoded JPEG bytes; an image that was not an RGB JPEG is stored converted to one),
 ``width``/``height`` of that image, ``boxes`` (flat xyxy, N*4, original pixels), ``labels``
@@ -51,6 +55,8 @@ import torch
 from torch.utils.data import Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from pipeline.storage import is_uri, join_location, location_exists, open_location, read_location
+
 SPLIT_FILE = "split.json"
 INDEX_FILE = "index.parquet"
 HASH_BLOCK = 1 << 20
@@ -89,9 +95,14 @@ def shard_name(number: int) -> str:
     return f"shard-{number:05d}.parquet"
 
 
-def _read_json(path: Path) -> Any:
+def data_location(root: str | Path) -> str:
+    """The preprocessed data's location as every reader takes it: an absolute path, or a URI unchanged."""
+    return str(root) if is_uri(str(root)) else str(Path(root).absolute())
+
+
+def _read_json(path: str | Path) -> Any:
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_location(str(path)))
     except FileNotFoundError:
         raise DatasetError(f"{path}: not found (run stage preprocess first)") from None
     except json.JSONDecodeError as err:
@@ -106,7 +117,7 @@ class SplitIndex:
     are its pixels. Plain numpy arrays: about 28 bytes per image, cheap to pickle to workers.
     """
 
-    folder: Path  # <root>/<split>
+    folder: str  # <root>/<split>: an absolute path or an object-store URI (`data_location`)
     split: str
     annotation_file: str  # the original COCO file: the ground truth for evaluation
     shard_files: tuple[str, ...]  # names in ``folder``, in shard-number order
@@ -125,28 +136,33 @@ class SplitIndex:
         """(N,) float64 width / height."""
         return self.widths / self.heights
 
-    def shard_path(self, shard: int) -> Path:
-        return self.folder / self.shard_files[shard]
+    def shard_path(self, shard: int) -> str:
+        return join_location(self.folder, self.shard_files[shard])
 
     def files(self) -> list[Path]:
-        """Every file of the split, in data-hash order: the shards, the index, split.json."""
-        shards = [self.folder / name for name in self.shard_files]
-        return [*shards, self.folder / INDEX_FILE, self.folder / SPLIT_FILE]
+        """Every file of the split, in data-hash order: the shards, the index, split.json (local data only)."""
+        if is_uri(self.folder):
+            raise DatasetError(f"{self.folder}: hashing needs the data on a local path")
+        folder = Path(self.folder)
+        return [*(folder / name for name in self.shard_files), folder / INDEX_FILE, folder / SPLIT_FILE]
 
 
 def read_index(root: str | Path, split: str) -> SplitIndex:
     """``<root>/<split>``'s split.json and index.parquet as a `SplitIndex`; `DatasetError` naming the file."""
-    folder = Path(root).absolute() / split  # absolute: a Ray task runs in the shipped copy of the code
-    meta = _read_json(folder / SPLIT_FILE)
+    # Absolute: a Ray task runs in the shipped copy of the code. Or a URI (s3://...).
+    folder = join_location(data_location(root), split)
+    meta = _read_json(join_location(folder, SPLIT_FILE))
     if not (
         isinstance(meta, dict)
         and isinstance(meta.get("annotation_file"), str)
         and isinstance(meta.get("shards"), list)
     ):
-        raise DatasetError(f"{folder / SPLIT_FILE}: expected an object with 'annotation_file' and 'shards'")
-    path = folder / INDEX_FILE
+        raise DatasetError(
+            f"{join_location(folder, SPLIT_FILE)}: expected an object with 'annotation_file' and 'shards'"
+        )
+    path = join_location(folder, INDEX_FILE)
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(open_location(path))
     except FileNotFoundError:
         raise DatasetError(f"{path}: not found (run stage preprocess first)") from None
     except (OSError, pa.ArrowException) as err:
@@ -163,8 +179,10 @@ def read_index(root: str | Path, split: str) -> SplitIndex:
     if len(table) and (columns["shard"].min() < 0 or columns["shard"].max() >= len(shard_files)):
         raise DatasetError(f"{path}: a shard number is outside the {len(shard_files)} shards of {SPLIT_FILE}")
     for name in shard_files:
-        if not (folder / name).is_file():
-            raise DatasetError(f"{folder / name}: shard not found (listed in {folder / SPLIT_FILE})")
+        if not location_exists(join_location(folder, name)):
+            raise DatasetError(
+                f"{join_location(folder, name)}: shard not found (listed in {join_location(folder, SPLIT_FILE)})"
+            )
     return SplitIndex(
         folder=folder,
         split=split,
@@ -203,7 +221,7 @@ class ShardReader:
         if shard not in self._files:
             path = self.index.shard_path(shard)
             try:
-                file = pq.ParquetFile(path)
+                file = pq.ParquetFile(open_location(path))
             except (OSError, pa.ArrowException) as err:
                 raise DatasetError(f"{path}: cannot read shard ({err})") from None
             missing = [name for name in ITEM_COLUMNS if name not in file.schema_arrow.names]
@@ -288,7 +306,7 @@ def files_sha256(paths: Sequence[Path]) -> str:
 
 def read_categories(root: str | Path) -> list[dict[str, Any]]:
     """``categories.json``: ``[{"label": 1..K, "id": <COCO category id>, "name": str}, ...]`` by label."""
-    path = Path(root) / "categories.json"
+    path = join_location(data_location(root), "categories.json")
     categories = _read_json(path)
     if not isinstance(categories, list) or [c.get("label") for c in categories] != list(
         range(1, len(categories) + 1)
@@ -299,7 +317,7 @@ def read_categories(root: str | Path) -> list[dict[str, Any]]:
 
 def read_data_hash(root: str | Path) -> str:
     """``manifest.json``'s ``data_hash``: sha256 of every split's files and categories."""
-    path = Path(root) / "manifest.json"
+    path = join_location(data_location(root), "manifest.json")
     manifest = _read_json(path)
     if not isinstance(manifest, dict) or not isinstance(manifest.get("data_hash"), str):
         raise DatasetError(f"{path}: no 'data_hash'")
@@ -321,7 +339,7 @@ class DetectionDataset(Dataset):
     ) -> None:
         if not 0.0 <= flip_prob <= 1.0:
             raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
-        self.root = Path(root)
+        self.root = data_location(root)  # a path or a URI
         self.split = split
         self.train = train
         self.flip_prob = flip_prob

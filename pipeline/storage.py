@@ -12,7 +12,10 @@ caller that touches a storage location uses these helpers instead:
 * `filesystem_for` -- ``(pyarrow FileSystem, path inside it)``, through
   ``pyarrow.fs.FileSystem.from_uri``, the call Ray Train makes for its ``storage_path``: what
   works here works for Ray;
-* `location_exists`, `write_empty_file`, `remove_file` -- the few operations the cluster preflight needs.
+* `location_exists`, `write_empty_file`, `remove_file` -- the few operations the cluster preflight needs;
+* `read_location`, `open_location` -- a file's bytes, or a random-access file (Parquet shards),
+  at a path or a URI: the preprocessed data may live in object storage
+  (`pipeline.dataset`).
 
 S3 credentials and endpoint come only from the environment, as for every AWS client:
 ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION`` and, for an
@@ -96,3 +99,21 @@ def remove_file(location: str) -> None:
     fs, path = filesystem_for(location)
     if fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
         fs.delete_file(path)
+
+
+def read_location(location: str) -> bytes:
+    """The bytes of the file (object) at ``location``; FileNotFoundError when there is none."""
+    if not is_uri(location):
+        return Path(location).read_bytes()
+    fs, path = filesystem_for(location)
+    with fs.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def open_location(location: str) -> Any:
+    """A random-access file at ``location``: the path itself when local, a pyarrow file for a URI
+    (what ``pyarrow.parquet`` takes either way). FileNotFoundError when there is none."""
+    if not is_uri(location):
+        return location
+    fs, path = filesystem_for(location)
+    return fs.open_input_file(path)

@@ -60,7 +60,11 @@ from stages.cli import FAILED, fail
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", default="params.yaml", help="params file (sections train: and model:)")
-    parser.add_argument("--data", required=True, help="preprocess output folder (data/preprocessed)")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="preprocess output: a folder (data/preprocessed) or its copy at s3://...",
+    )
     parser.add_argument("--model-out", required=True, help="model file to write (models/model.pt)")
     parser.add_argument("--metrics", required=True, help="metrics JSON to write (metrics/train.json)")
     parser.add_argument("--plots", required=True, help="loss CSV to write (plots/train_loss.csv)")

@@ -67,6 +67,7 @@ from pipeline.inference import (
 from pipeline.io import atomic_directory, atomic_write_text, check_output_folder
 from pipeline.model_file import LoadedModel, load_model_file
 from pipeline.provenance import git_commit
+from pipeline.storage import join_location
 from pipeline.tracking.pyfunc import log_detector
 from pipeline.tracking.registry import Registration, register_model
 from pipeline.tracking.run import TrackedRun, TrackingError, check_tracking_uri, flatten, run_exists
@@ -329,7 +330,7 @@ def _ground_truth_for(index: SplitIndex) -> tuple[Any, list[int]]:
     unknown = sorted(set(image_ids) - set(gt.getImgIds()))
     if unknown:
         raise EvaluationError(
-            f"{index.folder / INDEX_FILE}: image id(s) {unknown[:10]} are not in {index.annotation_file}"
+            f"{join_location(index.folder, INDEX_FILE)}: image id(s) {unknown[:10]} are not in {index.annotation_file}"
         )
     return gt, image_ids
 

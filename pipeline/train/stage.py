@@ -51,11 +51,11 @@ from fpn import build_detector
 from pipeline import cluster
 from pipeline.cluster import check_fits
 from pipeline.config import ConfigError, Params
-from pipeline.dataset import DatasetError, read_categories, read_data_hash
+from pipeline.dataset import DatasetError, data_location, read_categories, read_data_hash
 from pipeline.io import atomic_write_text
 from pipeline.model_file import save_model_file
 from pipeline.provenance import git_commit
-from pipeline.storage import is_uri, resolve_location
+from pipeline.storage import is_uri, join_location, location_exists, resolve_location
 from pipeline.tracking.run import TrackedRun, fail_running_runs, flatten, tracking_uri
 from pipeline.train.best import BestCheckpoint
 from pipeline.train.checkpoint import Progress, history_rows
@@ -130,13 +130,14 @@ def train(
             f"{source} {storage_path}: without Ray (--no-ray) checkpoints go to a local folder; "
             "give a folder, or drop --no-ray to keep them in object storage"
         )
-    data_root = Path(data_root).resolve()
-    if not data_root.is_dir():
+    data_root = data_location(Path(data_root).resolve() if not is_uri(str(data_root)) else data_root)
+    if not (location_exists(data_root) if is_uri(data_root) else Path(data_root).is_dir()):
         raise DatasetError(
-            f"{data_root}: no such folder (--data is the output of stage preprocess, e.g. data/preprocessed)"
+            f"{data_root}: no such folder (--data is the output of stage preprocess, e.g. data/preprocessed, "
+            "or its copy in object storage, s3://...)"
         )
     categories = read_categories(data_root)
-    check_num_classes(params, categories, f"{data_root / 'categories.json'}")
+    check_num_classes(params, categories, join_location(data_root, "categories.json"))
     data_hash = read_data_hash(data_root)
     name = run_name(params, data_hash)
     storage = resolve_location(storage_path)
@@ -144,7 +145,7 @@ def train(
     driver = (DRIVER_TAG, f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
     job = TrainJob(
         params=params,
-        data_root=str(data_root),
+        data_root=data_root,
         run_name=name,
         data_hash=data_hash,
         git_commit=git_commit(),
@@ -171,7 +172,7 @@ def train(
     return metrics
 
 
-def validation_spec(params: Params, data_root: Path) -> ValidationSpec | None:
+def validation_spec(params: Params, data_root: str) -> ValidationSpec | None:
     """``train.eval_every``'s periodic validation on ``data.val_split``; None when it is 0 (off)."""
     t = params.train
     if not t.eval_every:

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from pipeline.dataset import DetectionDataset, read_categories, to_model_input
+from pipeline.storage import join_location
 
 METRIC_NAMES = ("val_ap50", "val_ap")
 # What the loop adds to a checkpoint's report when validating (NaN on ranks other than 0).
@@ -93,7 +94,7 @@ class HoldoutSet:
             raise ValueError(f"num_images: must be >= 1, got {num_images}")
         dataset = DetectionDataset(data_root, split, train=False)
         if len(dataset) == 0:
-            raise ValueError(f"{Path(data_root) / split}: no image to hold out for validation")
+            raise ValueError(f"{join_location(str(data_root), split)}: no image to hold out for validation")
         order = np.argsort(dataset.index.image_ids, kind="stable")[:num_images].tolist()
         images, image_ids, gt_images, annotations = [], [], [], []
         for i in order:
@@ -124,7 +125,7 @@ class HoldoutSet:
 
         gt = ground_truth_from_dict(
             {"images": gt_images, "annotations": annotations, "categories": categories},
-            where=f"{Path(data_root) / split} (held-out images)",
+            where=f"{join_location(str(data_root), split)} (held-out images)",
         )
         return cls(images=images, image_ids=image_ids, ground_truth=gt, batch_size=batch_size)
 

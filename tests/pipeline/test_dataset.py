@@ -46,7 +46,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def shard_rows(root: Path, split: str) -> list[dict[str, Any]]:
     index = read_index(root, split)
-    return [row for name in index.shard_files for row in pq.read_table(index.folder / name).to_pylist()]
+    return [row for name in index.shard_files for row in pq.read_table(Path(index.folder) / name).to_pylist()]
 
 
 def test_items_follow_the_shards(root: Path) -> None:

@@ -51,7 +51,7 @@ def test_real_coco_keeps_its_bytes_and_boxes_in_original_pixels(preprocessed: Pa
     categories = json.loads((preprocessed / "categories.json").read_text())
     label_of = {c["id"]: c["label"] for c in categories}
     assert len(categories) == 80 and max(label_of) == 90 and sorted(label_of.values()) == list(range(1, 81))
-    rows = [row for name in index.shard_files for row in pq.read_table(index.folder / name).to_pylist()]
+    rows = [row for name in index.shard_files for row in pq.read_table(Path(index.folder) / name).to_pylist()]
     assert (
         [row["image_id"] for row in rows]
         == index.image_ids.tolist()

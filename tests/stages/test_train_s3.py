@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -108,3 +109,37 @@ def test_no_ray_refuses_a_storage_uri_from_params_naming_the_key(
     assert train.main(args) == 2
     assert "storage.train s3://bkt/runs: without Ray (--no-ray)" in capsys.readouterr().err
     assert not any((tmp_path / name).exists() for name in ("m.pt", "t.json", "runs", "s3:"))
+
+
+@pytest.mark.slow
+def test_workers_read_the_data_from_the_bucket(s3_server, tmp_path: Path) -> None:
+    """The preprocessed data only in the bucket: training (Ray Data streaming it, validation on it) reads it there."""
+    local = tiny_data(tmp_path / "data")
+    client = s3_server.client()
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        client.upload_file(str(path), s3_server.bucket, f"data-s3/{path.relative_to(local)}")
+    shutil.rmtree(local)  # nothing left on this machine's disk
+    raw = tiny_params(
+        iterations=4, checkpoint_every=2, eval_every=2, val_images=2, loader="ray_data", cpus_per_worker=0.5
+    )
+    params = write_params(tmp_path / "params.yaml", raw)
+    args = [
+        "--params", str(params), "--data", f"s3://{s3_server.bucket}/data-s3",
+        "--model-out", str(tmp_path / "models/model.pt"), "--metrics", str(tmp_path / "metrics/train.json"),
+        "--plots", str(tmp_path / "plots/loss.csv"), "--storage-path", f"s3://{s3_server.bucket}/data-s3-runs",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS", "AWS_"))}
+    env.update(s3_server.env)
+    env.update(
+        {
+            "PYTHONPATH": str(REPO_ROOT),
+            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+            "OMP_NUM_THREADS": "2",
+            "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+        }
+    )
+    run_stage(args, tmp_path, env)
+    metrics = json.loads((tmp_path / "metrics/train.json").read_text())
+    assert metrics["iterations"] == 4 and metrics["best_iteration"] in (2, 4)
+    assert metrics["best_checkpoint"].startswith(f"s3://{s3_server.bucket}/data-s3-runs/"), metrics
+    assert not (tmp_path / "s3:").exists() and not (REPO_ROOT / "s3:").exists(), "no URI became a folder"
