@@ -90,7 +90,8 @@ def test_stage_writes_metrics_plots_and_logs_to_the_models_run(tmp_path: Path) -
         }
         assert sum(parts.values()) == pytest.approx(total, rel=0.01)
         assert parts["backbone_ms"] > 0 and parts["roi_heads_ms"] > 0
-        assert parts["other_ms"] < 0.2 * total, "the hooked components should cover the call"
+        # How well the hooks cover a call is `tests/pipeline/profile/test_timing.py`'s check: a
+        # median of 5 calls of ~20 ms is at the mercy of one preemption on a loaded machine.
     for subject in ("model", "ref_ours", "ref_torchvision"):
         assert metrics[f"cpu.train.{subject}.images_per_s"] > 0
         assert metrics[f"cpu.train.{subject}.split.backward_ms"] > 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -112,7 +113,20 @@ def test_a_lost_node_leaves_one_worker_that_finishes_the_run(
     wait_for(lambda: registered_checkpoint(root / "runs") > 0, "a registered checkpoint", stage, log)
     victim = read_status(status, 1)
     assert victim["world_size"] == 2 and victim["iteration"] < total
+    killed_at = time.monotonic()
     kill_node_of(two_worker_nodes, victim["pid"])
+
+    def resumed_alone() -> bool:
+        rank0 = read_status(status, 0)
+        return bool(rank0 and rank0["world_size"] == 1 and rank0["iteration"] > rank0["start_iteration"])
+
+    wait_for(resumed_alone, "one worker training on", stage, log, timeout=420)
+    rank0 = read_status(status, 0)
+    print(
+        f"elastic: node killed at iteration {victim['iteration']}; one worker resumed from iteration "
+        f"{rank0['start_iteration']} ({victim['iteration'] - rank0['start_iteration']} iterations repeated), "
+        f"training again {time.monotonic() - killed_at:.1f} s after the kill"
+    )
     finish(stage, log, timeout=480)
 
     metrics = json.loads((root / "train.json").read_text())
