@@ -15,7 +15,9 @@ caller that touches a storage location uses these helpers instead:
 * `location_exists`, `write_empty_file`, `remove_file` -- the few operations the cluster preflight needs;
 * `read_location`, `open_location` -- a file's bytes, or a random-access file (Parquet shards),
   at a path or a URI: the preprocessed data may live in object storage
-  (`pipeline.dataset`).
+  (`pipeline.dataset`);
+* `upload_folder` -- a local folder copied to a URI, the files that mark it complete last (stage
+  preprocess with ``--out s3://...``), after `check_output_location` (never over others' objects).
 
 S3 credentials and endpoint come only from the environment, as for every AWS client:
 ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION`` and, for an
@@ -27,8 +29,11 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from pipeline.io import OUTPUT_MARKER, OutputError
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -117,3 +122,50 @@ def open_location(location: str) -> Any:
         return location
     fs, path = filesystem_for(location)
     return fs.open_input_file(path)
+
+
+def upload_order(files: Sequence[str], last: Sequence[str]) -> list[str]:
+    """``files`` sorted, those in ``last`` moved to the end in ``last``'s order."""
+    return sorted(f for f in files if f not in last) + [f for f in last if f in files]
+
+
+def upload_folder(folder: Path, location: str, *, last: Sequence[str] = (), progress: bool = True) -> int:
+    """Copy every file under ``folder`` to ``location`` (a URI), keeping relative paths; returns the count.
+
+    The files named in ``last`` (relative paths) go last, in that order: a reader that finds
+    them finds everything before them, so an upload that stops half-way looks absent, not
+    whole. Existing objects of the same name are overwritten; nothing else is deleted.
+    """
+    import shutil
+
+    from tqdm import tqdm
+
+    fs, base = filesystem_for(location)
+    files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+    ordered = upload_order(files, last)
+    for name in tqdm(ordered, desc=f"upload to {location}", unit="file", disable=not progress):
+        with (
+            (folder / name).open("rb") as source,
+            fs.open_output_stream(f"{base.rstrip('/')}/{name}") as sink,
+        ):
+            shutil.copyfileobj(source, sink, length=8 * 2**20)
+    return len(ordered)
+
+
+def check_output_location(location: str, stage: str, *, force: bool = False) -> None:
+    """`check_output_folder` for an object-store URI: nothing there yet, this stage's marker, or ``force``.
+
+    Writing there never deletes: objects of the same names are overwritten (``force`` only
+    allows writing over objects some other tool left under the prefix).
+    """
+    if force or not location_exists(location):
+        return
+    try:
+        written_by = read_location(join_location(location, OUTPUT_MARKER)).decode().strip()
+    except (FileNotFoundError, OSError):
+        written_by = ""
+    if written_by != stage:
+        raise OutputError(
+            f"{location}: not writing over objects that stage {stage} did not write (no {OUTPUT_MARKER} "
+            f"marker naming it); name another prefix, or pass --force to write over them"
+        )

@@ -48,7 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--coco", required=True, help="COCO-layout folder written by stage fetch, e.g. data/coco"
     )
-    parser.add_argument("--out", required=True, help="folder to write, e.g. data/preprocessed")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="folder to write, e.g. data/preprocessed, or an object-store URI s3://...",
+    )
     parser.add_argument(
         "--force",
         action="store_true",

@@ -1,6 +1,8 @@
 """Stage preprocess's machinery: a COCO-layout folder into the sharded training format of `pipeline.dataset`.
 
-Output (built in a temporary sibling of ``out``, renamed when complete)::
+Output (built in a temporary sibling of ``out``, renamed when complete; for an object-store
+``out`` such as ``s3://bucket/prefix``, built in a local temporary folder and uploaded, the files
+that mark it complete last)::
 
     <out>/<split>/shard-00000.parquet, ...  one row per image: the original JPEG bytes and boxes
     <out>/<split>/index.parquet             image_id, width, height, shard, row, num_boxes per image
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -55,6 +58,7 @@ from pipeline.io import atomic_directory, check_output_folder
 from pipeline.preprocess.parallel import WorkerDied, describe_backend, ordered_map
 from pipeline.preprocess.prepare_image import ImageSpec, ImageTask, ObjectBox, prepare_chunk, problem
 from pipeline.preprocess.shards import SplitWriter
+from pipeline.storage import check_output_location, is_uri, upload_folder
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +103,8 @@ def preprocess_dataset(
     Reads every key of ``cfg`` (preprocess.workers, jpeg_quality, max_pixels, images_per_shard,
     use_ray: Ray tasks at RAY_ADDRESS only when true; the choice is logged).
     """
+    if is_uri(str(out)):
+        return _preprocess_to_uri(coco_root, str(out), splits=splits, cfg=cfg, force=force, progress=progress)
     coco_root = Path(coco_root)
     check_output_folder(out, "preprocess", force=force, inputs=[coco_root])  # before any work
     cocos = {split: read_coco(annotation_path(coco_root, split)) for split in splits}
@@ -155,6 +161,28 @@ def preprocess_dataset(
             indent=2,
         )
     return PreprocessSummary(data_hash, len(categories), counts, problems)
+
+
+def _preprocess_to_uri(
+    coco_root: str | Path,
+    out: str,
+    *,
+    splits: tuple[str, ...],
+    cfg: PreprocessConfig,
+    force: bool,
+    progress: bool,
+) -> PreprocessSummary:
+    """`preprocess_dataset` into object storage: built whole in a local temporary folder (``$TMPDIR``),
+    then uploaded with each ``split.json``, ``categories.json`` and ``manifest.json`` last
+    (`pipeline.storage.upload_folder`): readers open those first, so a half-done upload reads as absent."""
+    check_output_location(out, "preprocess", force=force)  # before any work
+    with tempfile.TemporaryDirectory(prefix="fpn-preprocess-") as tmp:
+        local = Path(tmp) / "preprocessed"
+        summary = preprocess_dataset(coco_root, local, splits=splits, cfg=cfg, progress=progress)
+        last = [*(f"{split}/{SPLIT_FILE}" for split in splits), "categories.json", "manifest.json"]
+        count = upload_folder(local, out, last=last, progress=progress)
+    log.info("preprocess: uploaded %d files to %s", count, out)
+    return summary
 
 
 def contiguous_categories(cocos: dict[Path, dict[str, Any]]) -> list[dict[str, Any]]:
