@@ -9,9 +9,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,25 +45,34 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
-    """A real `mlflow server` on 127.0.0.1 (SQLite backend, local artifacts); yields its URI.
+@contextlib.contextmanager
+def running_mlflow_server(
+    root: Path, *, artifacts: str | None = None, env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1 (SQLite in ``root``; artifacts proxied to ``artifacts``,
+    a folder or ``s3://...``, default ``root/artifacts``) for a block; yields its URI.
 
-    Started once per session (~12 s until /health answers), stopped by its PID at the end.
+    ``env``: extra environment of the server (the AWS variables of an S3 artifact store).
+    ~12 s until /health answers; stopped by its process group at the end.
     """
     import subprocess
     import time
     import urllib.request
 
-    root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     log = (root / "server.log").open("wb")
     command = [
         "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts"),
+        "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", artifacts or str(root / "artifacts"),
     ]  # fmt: skip
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(
+        command,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, **(env or {})},
+    )
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -84,6 +95,13 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
                 os.killpg(server.pid, 9)
                 server.wait()
         log.close()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1 (SQLite backend, local artifacts), once per session; yields its URI."""
+    with running_mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as uri:
+        yield uri
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.model_file import load_model_file
+from tests.conftest import running_mlflow_server
 from tests.train_samples import tiny_data, tiny_params, write_params
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -143,3 +144,29 @@ def test_workers_read_the_data_from_the_bucket(s3_server, tmp_path: Path) -> Non
     assert metrics["iterations"] == 4 and metrics["best_iteration"] in (2, 4)
     assert metrics["best_checkpoint"].startswith(f"s3://{s3_server.bucket}/data-s3-runs/"), metrics
     assert not (tmp_path / "s3:").exists() and not (REPO_ROOT / "s3:").exists(), "no URI became a folder"
+
+
+@pytest.mark.slow
+def test_the_tracking_server_keeps_the_runs_artifacts_in_the_bucket(s3_server, tmp_path: Path) -> None:
+    """`mlflow server --artifacts-destination s3://...`: what training logs (the model file, the loss
+    CSV) goes through the server to the bucket; the client needs no S3 credentials."""
+    data = tiny_data(tmp_path / "data")
+    params = write_params(tmp_path / "params.yaml", tiny_params(iterations=2, checkpoint_every=2))
+    root = tmp_path / "mlflow"
+    root.mkdir()
+    with running_mlflow_server(
+        root, artifacts=f"s3://{s3_server.bucket}/mlartifacts", env=s3_server.env
+    ) as uri:
+        args = [
+            "--params", str(params), "--data", str(data), "--model-out", str(tmp_path / "models/model.pt"),
+            "--metrics", str(tmp_path / "metrics/train.json"), "--plots", str(tmp_path / "plots/loss.csv"),
+            "--storage-path", str(tmp_path / "runs"), "--no-ray",
+        ]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS", "AWS_"))}
+        env.update({"PYTHONPATH": str(REPO_ROOT), "MLFLOW_TRACKING_URI": uri})  # no AWS_* here
+        run_stage(args, tmp_path, env)
+    run_id = load_model_file(tmp_path / "models/model.pt").extra["mlflow_run_id"]
+    keys = s3_server.keys("mlartifacts/")
+    assert any(k.endswith(f"/{run_id}/artifacts/model_file/model.pt") for k in keys), keys
+    assert any(k.endswith(f"/{run_id}/artifacts/loss.csv") for k in keys), keys
+    assert not (root / "artifacts").exists(), "nothing kept on the server's disk"
