@@ -78,6 +78,7 @@ NAME_NEUTRAL_TRAIN_KEYS = frozenset(
         "max_failures",
         "loader_workers",
         "loader",  # the same batches either way (`pipeline.train.streaming`)
+        "min_workers",  # how far an elastic run may shrink, not what it learns at full size
         # validation leaves training bit for bit unchanged (`pipeline.train.validation`)
         "eval_every",
         "val_images",
