@@ -265,9 +265,8 @@ class NodeChecks:
     probe: str | None  # the file (object) the driver wrote into `storage`
     tracking_uri: str | None  # an http(s) MLflow URI whose /health must answer
     timeout_s: float = 5.0  # for each check
-    gloo: bool = (
-        False  # CPU DDP across nodes: gloo must advertise a reachable address (`pipeline.ddp_address`)
-    )
+    # CPU DDP across nodes: gloo must advertise a reachable address (`pipeline.ddp_address`).
+    gloo: bool = False
 
 
 def _split_files(root: str, split: str) -> list[str]:

@@ -456,3 +456,9 @@ class GroupedBatchSampler(Sampler[list[int]]):
         per_group = (self.groups.count(g) for g in (0, 1))
         batches = sum(math.ceil(n / self.batch_size) for n in per_group)
         return math.ceil(batches / self.world_size)
+
+    def batches_of(self, epoch: int) -> list[list[int]]:
+        """This rank's batches of ``epoch`` (`set_epoch`, then the list): what a DataLoader over the
+        sampler gives and what `pipeline.train.streaming` plans for Ray Data."""
+        self.set_epoch(epoch)
+        return [list(batch) for batch in self]

@@ -471,8 +471,7 @@ def epoch_batches(dataset: Any, job: TrainJob, session: Session, epoch: int) -> 
     sampler = GroupedBatchSampler(
         dataset, t.batch_size, shuffle=True, seed=t.seed, rank=session.rank, world_size=session.world_size
     )
-    sampler.set_epoch(epoch)
-    batches = [list(batch) for batch in sampler]
+    batches = sampler.batches_of(epoch)
     if not batches:
         raise ValueError(f"{job.data_root}: the split {job.params.data.train_split} has no training image")
     return batches

@@ -51,7 +51,7 @@ from fpn import build_detector
 from pipeline import cluster
 from pipeline.cluster import check_fits
 from pipeline.config import ConfigError, Params
-from pipeline.dataset import DatasetError, data_location, read_categories, read_data_hash
+from pipeline.dataset import DatasetError, read_categories, read_data_hash
 from pipeline.io import atomic_write_text
 from pipeline.model_file import save_model_file
 from pipeline.provenance import git_commit
@@ -131,7 +131,7 @@ def train(
             f"{source} {storage_path}: without Ray (--no-ray) checkpoints go to a local folder; "
             "give a folder, or drop --no-ray to keep them in object storage"
         )
-    data_root = data_location(Path(data_root).resolve() if not is_uri(str(data_root)) else data_root)
+    data_root = resolve_location(str(data_root))  # a folder made absolute, or a URI unchanged
     if not (location_exists(data_root) if is_uri(data_root) else Path(data_root).is_dir()):
         raise DatasetError(
             f"{data_root}: no such folder (--data is the output of stage preprocess, e.g. data/preprocessed, "
@@ -179,7 +179,7 @@ def validation_spec(params: Params, data_root: str) -> ValidationSpec | None:
     if not t.eval_every:
         return None
     return ValidationSpec(
-        data_root=str(data_root), split=params.data.val_split, num_images=t.val_images, every=t.eval_every
+        data_root=data_root, split=params.data.val_split, num_images=t.val_images, every=t.eval_every
     )
 
 

@@ -53,12 +53,11 @@ def epoch_plan(
     sampler = GroupedBatchSampler(
         dataset, batch_size, shuffle=True, seed=seed, rank=rank, world_size=world_size
     )
-    sampler.set_epoch(epoch)
     dataset.set_epoch(epoch)
     flips = dataset.train and dataset.flip_prob > 0
     return [
         {"batch": b, "index": int(i), "flip": bool(flips and dataset.flips(int(i)))}
-        for b, batch in enumerate(sampler)
+        for b, batch in enumerate(sampler.batches_of(epoch))
         for i in batch
     ]
 
