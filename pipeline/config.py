@@ -389,7 +389,8 @@ def check_storage_location(location: str) -> None:
 
 @dataclass(frozen=True)
 class StorageConfig:
-    """Section `storage:`: where Ray Train and Tune keep their runs (checkpoints, trial state).
+    """Section `storage:`: where Ray Train and Tune keep their runs (checkpoints, trial state), and
+    where a cluster's workers read the training data from.
 
     Each value is a folder (relative to the project root; on a cluster of several nodes, storage
     every node mounts at the same path, e.g. NFS) or an object-store URI such as
@@ -400,9 +401,15 @@ class StorageConfig:
 
     train: str = "runs/ray"  # stage train's Ray Train runs: <train>/<run name>/checkpoint_<iteration>
     tune: str = "runs/tune"  # stage tune's sweeps: <tune>/<sweep name>/...
+    ablate: str | None = None  # stage ablate's Ray Train runs; None: <--work>/ray
+    # Where train, tune and ablate copy a local --data folder for the workers, once per data hash
+    # (<data>/<data hash>/, `pipeline.data_staging`); None: workers read --data where it is.
+    data: str | None = None
 
     def __post_init__(self) -> None:
-        for key in ("train", "tune"):
+        for key in ("train", "tune", "ablate", "data"):
+            if getattr(self, key) is None:  # ablate, data: optional
+                continue
             try:
                 check_storage_location(getattr(self, key))
             except ValueError as err:

@@ -315,6 +315,13 @@ def read_categories(root: str | Path) -> list[dict[str, Any]]:
     return categories
 
 
+def completion_files(splits: Sequence[str]) -> list[str]:
+    """The files that mark a preprocessed folder complete, in the order a copy writes them last:
+    each split's ``split.json``, ``categories.json``, ``manifest.json`` (readers open these first,
+    so a copy that stops half-way reads as absent)."""
+    return [*(f"{split}/{SPLIT_FILE}" for split in splits), "categories.json", "manifest.json"]
+
+
 def read_data_hash(root: str | Path) -> str:
     """``manifest.json``'s ``data_hash``: sha256 of every split's files and categories."""
     path = join_location(data_location(root), "manifest.json")

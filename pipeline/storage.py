@@ -16,6 +16,8 @@ caller that touches a storage location uses these helpers instead:
 * `read_location`, `open_location` -- a file's bytes, or a random-access file (Parquet shards),
   at a path or a URI: the preprocessed data may live in object storage
   (`pipeline.dataset`);
+* `local_copies` -- local files to write output locations through: a path itself, a URI's file
+  uploaded whole when the writing is done (stage train's ``--model-out s3://...``);
 * `upload_folder` -- a local folder copied to a URI, the files that mark it complete last (stage
   preprocess with ``--out s3://...``), after `check_output_location` (never over others' objects).
 
@@ -27,9 +29,12 @@ cluster, every node needs them in the environment of its Ray processes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from collections.abc import Sequence
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +129,31 @@ def open_location(location: str) -> Any:
     return fs.open_input_file(path)
 
 
+@contextlib.contextmanager
+def local_copies(locations: Sequence[str | Path]) -> Iterator[list[Path]]:
+    """Local paths to write ``locations`` through, one per location, in order.
+
+    A path is its own local copy. A URI gets a file of the same name in a temporary folder,
+    uploaded to the URI (one object: whole or absent) when the block ends without an error;
+    on an error nothing is uploaded. The temporary folder is removed either way.
+    """
+    with tempfile.TemporaryDirectory(prefix="fpn-outputs-") as tmp:
+        local = []
+        for k, location in enumerate(map(str, locations)):
+            if not is_uri(location):
+                local.append(Path(location))
+                continue
+            folder = Path(tmp, str(k))
+            folder.mkdir()
+            local.append(folder / location.rstrip("/").rsplit("/", 1)[-1])
+        yield local
+        for location, path in zip(map(str, locations), local, strict=True):
+            if is_uri(location):
+                fs, target = filesystem_for(location)
+                with path.open("rb") as source, fs.open_output_stream(target) as sink:
+                    shutil.copyfileobj(source, sink, length=8 * 2**20)
+
+
 def upload_order(files: Sequence[str], last: Sequence[str]) -> list[str]:
     """``files`` sorted, those in ``last`` moved to the end in ``last``'s order."""
     return sorted(f for f in files if f not in last) + [f for f in last if f in files]
@@ -136,8 +166,6 @@ def upload_folder(folder: Path, location: str, *, last: Sequence[str] = (), prog
     them finds everything before them, so an upload that stops half-way looks absent, not
     whole. Existing objects of the same name are overwritten; nothing else is deleted.
     """
-    import shutil
-
     from tqdm import tqdm
 
     fs, base = filesystem_for(location)

@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from pipeline.cluster import ClusterError
 from pipeline.config import ConfigError, load_params
@@ -65,9 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         required=True,
         help="preprocess output: a folder (data/preprocessed) or its copy at s3://...",
     )
-    parser.add_argument("--model-out", required=True, help="model file to write (models/model.pt)")
-    parser.add_argument("--metrics", required=True, help="metrics JSON to write (metrics/train.json)")
-    parser.add_argument("--plots", required=True, help="loss CSV to write (plots/train_loss.csv)")
+    parser.add_argument(
+        "--model-out", required=True, help="model file to write (models/model.pt, or s3://.../model.pt)"
+    )
+    parser.add_argument(
+        "--metrics", required=True, help="metrics JSON to write (metrics/train.json, or a URI)"
+    )
+    parser.add_argument("--plots", required=True, help="loss CSV to write (plots/train_loss.csv, or a URI)")
     parser.add_argument(
         "--storage-path",
         default=None,
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics = train(
             params,
             args.data,
-            TrainOutputs(model=Path(args.model_out), metrics=Path(args.metrics), plots=Path(args.plots)),
+            TrainOutputs(model=args.model_out, metrics=args.metrics, plots=args.plots),
             storage_path=args.storage_path,
             use_ray=not args.no_ray,
             status_dir=args.status_dir,

@@ -52,6 +52,9 @@ import pytest
 
 PREFIX = "fpnrt"  # every namespace this helper makes starts with it: fpnrt<pid>c<n>h / ...w<k>
 PORT = 6379  # the GCS port: free in a fresh namespace
+DASHBOARD_PORT = (
+    8265  # Ray's default: the job server ``ray job submit --address http://<head ip>:8265`` reaches
+)
 START_TIMEOUT_S = 90
 TEMP_PARENT = "/tmp"  # each cluster's temp dir: /tmp/<cluster name>-<random>
 IFNAME = (
@@ -136,6 +139,27 @@ class NetnsRayCluster:
                 raise AssertionError(f"{command} timed out after {timeout} s:\n{stderr[-3000:]}") from None
         return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
+    @property
+    def dashboard(self) -> str:
+        """The job server's address (``ray job submit --address``), when started with ``dashboard=True``."""
+        return f"http://{self.head_ip}:{DASHBOARD_PORT}"
+
+    def in_worker(self, k: int, command: Sequence[str]) -> list[str]:
+        """``command`` prefixed to run on worker node ``k`` (1-based): its network and mount namespaces,
+        so it sees that node's own `private` tmpfs, as a shell on that machine would."""
+        pids = _netns_pids(self.worker_ns[k - 1])
+        if not pids:
+            raise RuntimeError(f"worker node {k} ({self.worker_ns[k - 1]}) runs no process")
+        return ["nsenter", "--target", str(min(pids)), "--net", "--mount", "--", *command]
+
+    def kill_worker_node(self, k: int) -> None:
+        """SIGKILL every process of worker node ``k`` (its raylet, its Ray workers, all of it)."""
+        pids = _netns_pids(self.worker_ns[k - 1])
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        _kill_pids(pids)  # waits until they are gone
+
     def stop(self) -> None:
         """Kill every process in the namespaces, delete them (veths and bridge go too), remove the temp dir."""
         _clear_namespaces(self.namespaces)
@@ -146,15 +170,21 @@ def skip_reason() -> str | None:
     """Why this machine cannot run the cluster (None when it can, as far as can be told without trying)."""
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
         return "network namespaces need root"
-    missing = [tool for tool in ("ip", "unshare", "mount") if shutil.which(tool) is None]
+    missing = [tool for tool in ("ip", "unshare", "mount", "nsenter") if shutil.which(tool) is None]
     if missing:
         return f"{', '.join(missing)} not found (iproute2 / util-linux)"
     return None
 
 
 def start_netns_cluster(workers: int = 1, *, cpus_per_node: int = 1, subnet: str = "10.77.0",
-                        object_store_mb: int = 100) -> NetnsRayCluster:  # fmt: skip
+                        object_store_mb: int = 100, head_cpus: int | None = None, dashboard: bool = False,
+                        private_mb: int = 16, node_env: Mapping[str, str] | None = None) -> NetnsRayCluster:  # fmt: skip
     """Make the namespaces and start the head and ``workers`` worker nodes; return once all are alive.
+
+    ``head_cpus``: the head node's CPUs (default ``cpus_per_node``; 0 keeps training off it).
+    ``dashboard``: run Ray's dashboard on the head (``<head ip>:8265``; ``ray job submit`` needs it).
+    ``private_mb``: the size of each worker node's tmpfs over `NetnsRayCluster.private`.
+    ``node_env``: extra environment of every node's Ray processes (e.g. the S3 endpoint and credentials).
 
     Raises `NetnsUnavailable` when the namespaces cannot be made (the fixture skips on it) and
     RuntimeError, with the node's log, when a node does not start. Stops what it started on any error.
@@ -176,8 +206,11 @@ def start_netns_cluster(workers: int = 1, *, cpus_per_node: int = 1, subnet: str
         for sub in ("private", "shared", "head", *(f"w{k}" for k in range(1, workers + 1))):
             (root / sub).mkdir()
         _make_network(cluster)
-        node_args = ["--num-cpus", str(cpus_per_node), "--object-store-memory", str(object_store_mb * 2**20),
-                     "--disable-usage-stats"]  # fmt: skip
+        node_args = ["--object-store-memory", str(object_store_mb * 2**20), "--disable-usage-stats"]
+        head_args = ["--num-cpus", str(cpus_per_node if head_cpus is None else head_cpus), *node_args]
+        worker_args = ["--num-cpus", str(cpus_per_node), *node_args]
+        head_dashboard = (["--dashboard-host", cluster.head_ip, "--dashboard-port", str(DASHBOARD_PORT)]
+                          if dashboard else ["--include-dashboard", "false"])  # fmt: skip
         ray = str(Path(sys.executable).parent / "ray")
         # Every node's hostname is this machine's, which no namespace can bind: gloo (CPU DDP) is
         # told its interface, as on real machines whose hostname resolves to 127.0.1.1.
@@ -186,20 +219,21 @@ def start_netns_cluster(workers: int = 1, *, cpus_per_node: int = 1, subnet: str
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN": cluster.token,
             "GLOO_SOCKET_IFNAME": IFNAME,
+            **(node_env or {}),
         }
         env.pop("RAY_ADDRESS", None)
         _ray_start(
             cluster.in_head([ray, "start", "--head", "--port", str(cluster.port), "--node-ip-address", cluster.head_ip,
-                             "--temp-dir", str(root / "head"), "--include-dashboard", "false", *node_args]),
+                             "--temp-dir", str(root / "head"), *head_dashboard, *head_args]),
             env, root / "head" / "ray_start.log",
         )  # fmt: skip
         for k, (ns, ip) in enumerate(zip(cluster.worker_ns, cluster.worker_ips, strict=True), start=1):
             # Its own mount namespace, a tmpfs over `private`, then the node: it and everything it
             # starts see the empty tmpfs; the mount goes when the last of them exits.
             command = ["ip", "netns", "exec", ns, "unshare", "--mount", "--propagation", "private", "sh", "-c",
-                       'mount -t tmpfs -o size=16m fpn-private "$0" && exec "$@"', str(cluster.private),
+                       f'mount -t tmpfs -o size={private_mb}m fpn-private "$0" && exec "$@"', str(cluster.private),
                        ray, "start", "--address", cluster.address, "--node-ip-address", ip,
-                       "--temp-dir", str(root / f"w{k}"), *node_args]  # fmt: skip
+                       "--temp-dir", str(root / f"w{k}"), *worker_args]  # fmt: skip
             _ray_start(command, env, root / f"w{k}" / "ray_start.log")
         _wait_alive(cluster, 1 + workers)
     except BaseException:

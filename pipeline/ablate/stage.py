@@ -22,7 +22,8 @@ store is put behind one local tracking server (`pipeline.tracking.server`).
 
 Layout of ``work``::
 
-    <work>/ray/<run name>/...                Ray Train storage (checkpoints; resumes)
+    <work>/ray/<run name>/...                Ray Train storage (checkpoints; resumes), unless
+                                             storage.ablate names another (s3://... on a cluster)
     <work>/<pyramid>/<run name>/model.pt     model file, train.json, train_loss.csv,
                                              eval.json, pr_curve.csv, eval_images/, result.json
 """
@@ -284,7 +285,7 @@ def run_ablation(
     data_root, work = Path(data_root).resolve(), Path(work).resolve()
     data_hash = read_data_hash(data_root)
     variants = plan_variants(params, data_hash)
-    storage = resolve_location(str(work / "ray"))
+    storage = resolve_location(params.storage.ablate or str(work / "ray"))  # storage.ablate: e.g. s3://
     parallel = min(params.ablate.parallel, len(variants)) if use_ray else 1
     if params.ablate.parallel > 1 and not use_ray:
         log.warning("ablate.parallel=%d ignored without Ray: one variant at a time", params.ablate.parallel)

@@ -53,7 +53,7 @@ from tqdm import tqdm
 from pipeline.cluster import available_cores
 from pipeline.coco_format import annotation_path, image_dir, read_coco, write_json
 from pipeline.config import PreprocessConfig
-from pipeline.dataset import SPLIT_FILE, files_sha256
+from pipeline.dataset import SPLIT_FILE, completion_files, files_sha256
 from pipeline.io import atomic_directory, check_output_folder
 from pipeline.preprocess.parallel import WorkerDied, describe_backend, ordered_map
 from pipeline.preprocess.prepare_image import ImageSpec, ImageTask, ObjectBox, prepare_chunk, problem
@@ -179,8 +179,7 @@ def _preprocess_to_uri(
     with tempfile.TemporaryDirectory(prefix="fpn-preprocess-") as tmp:
         local = Path(tmp) / "preprocessed"
         summary = preprocess_dataset(coco_root, local, splits=splits, cfg=cfg, progress=progress)
-        last = [*(f"{split}/{SPLIT_FILE}" for split in splits), "categories.json", "manifest.json"]
-        count = upload_folder(local, out, last=last, progress=progress)
+        count = upload_folder(local, out, last=completion_files(splits), progress=progress)
     log.info("preprocess: uploaded %d files to %s", count, out)
     return summary
 

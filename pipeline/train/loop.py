@@ -531,10 +531,21 @@ def _write_status(job: TrainJob, session: Session, fields: dict[str, Any]) -> No
         "world_size": session.world_size,
         "pid": os.getpid(),
         "hostname": socket.gethostname(),
+        "node_ip": _ray_node_ip(),
         "time": time.time(),
         **fields,
     }
     atomic_write_json(Path(job.status_dir) / f"rank{session.rank}.json", record)
+
+
+def _ray_node_ip() -> str | None:
+    """The address of the Ray node this process runs on (None outside Ray): tells nodes apart where
+    hostnames do not."""
+    if "ray" not in sys.modules:
+        return None
+    import ray
+
+    return ray.util.get_node_ip_address() if ray.is_initialized() else None
 
 
 def _format_duration(seconds: float) -> str:

@@ -51,11 +51,12 @@ from fpn import build_detector
 from pipeline import cluster
 from pipeline.cluster import check_fits
 from pipeline.config import ConfigError, Params
+from pipeline.data_staging import staged_data
 from pipeline.dataset import DatasetError, read_categories, read_data_hash
 from pipeline.io import atomic_write_text
 from pipeline.model_file import save_model_file
 from pipeline.provenance import git_commit
-from pipeline.storage import is_uri, join_location, location_exists, resolve_location
+from pipeline.storage import is_uri, join_location, local_copies, location_exists, resolve_location
 from pipeline.tracking.run import TrackedRun, fail_running_runs, flatten, tracking_uri
 from pipeline.train.best import BestCheckpoint
 from pipeline.train.checkpoint import Progress, history_rows
@@ -94,9 +95,10 @@ DRIVER_TAG = "train_driver"  # MLflow tag naming the driver whose training opene
 class TrainOutputs:
     """The stage's output paths (dvc.yaml names them)."""
 
-    model: Path  # the model file (`pipeline.model_file`)
-    metrics: Path  # DVC metrics JSON
-    plots: Path  # DVC plots CSV: step, loss, each loss term, lr
+    # Each a local path or an object-store URI (``s3://...``: written locally, then uploaded whole).
+    model: str | Path  # the model file (`pipeline.model_file`)
+    metrics: str | Path  # DVC metrics JSON
+    plots: str | Path  # DVC plots CSV: step, loss, each loss term, lr
 
 
 def run_name(params: Params, data_hash: str) -> str:
@@ -140,6 +142,8 @@ def train(
     categories = read_categories(data_root)
     check_num_classes(params, categories, join_location(data_root, "categories.json"))
     data_hash = read_data_hash(data_root)
+    if use_ray:  # a local --data copied once to storage.data, for workers on other nodes
+        data_root = staged_data(data_root, params.storage.data)
     name = run_name(params, data_hash)
     storage = resolve_location(storage_path)
     uri = tracking_uri()
@@ -309,9 +313,16 @@ def write_outputs(
         "git_commit": job.git_commit,
         "run_name": job.run_name,
     }
-    save_model_file(outputs.model, model, params.model, categories, extra)
-    atomic_write_text(outputs.metrics, json.dumps(metrics, indent=2) + "\n")
-    atomic_write_text(outputs.plots, plots_csv(state))
+    with local_copies([outputs.model, outputs.metrics, outputs.plots]) as (
+        model_file,
+        metrics_file,
+        plots_file,
+    ):
+        save_model_file(model_file, model, params.model, categories, extra)
+        atomic_write_text(metrics_file, json.dumps(metrics, indent=2) + "\n")
+        atomic_write_text(plots_file, plots_csv(state))
+        run.log_artifact(plots_file)
+        run.log_artifact(model_file, MODEL_FILE_ARTIFACT_DIR)
     log.info("wrote %s, %s, %s", outputs.model, outputs.metrics, outputs.plots)
 
     final_step = int(metrics["iterations"])
@@ -321,8 +332,6 @@ def write_outputs(
     )
     if best is not None:
         run.set_tags({"best_checkpoint": best.location, "best_iteration": best.iteration})
-    run.log_artifact(outputs.plots)
-    run.log_artifact(outputs.model, MODEL_FILE_ARTIFACT_DIR)
     run.finish("FINISHED")
     metrics_out = dict(metrics)
     metrics_out["mlflow_run_id"] = run_id

@@ -53,6 +53,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from pipeline import cluster
 from pipeline.cluster import check_fits
 from pipeline.config import ConfigError, Params, TuneConfig, params_from_dict
+from pipeline.data_staging import staged_data
 from pipeline.dataset import SPLIT_FILE, read_categories, read_data_hash
 from pipeline.io import atomic_write_text
 from pipeline.provenance import git_commit, project_root
@@ -320,7 +321,7 @@ def _run_trials(
             raw_params=raw_params,
             space=space,
             tune=params.tune,
-            data_root=str(data_root),
+            data_root=staged_data(str(data_root), params.storage.data),  # where the trials read it
             data_hash=data_hash,
             git_commit=git_commit(),
             tracking_uri=trial_uri if parent.run_id else None,

@@ -134,7 +134,9 @@ def test_a_bad_ray_storage_is_an_error_naming_the_key(
     params = write_params_file(tmp_path / "params.yaml", {"storage": {key: value}})
     with pytest.raises(ConfigError, match=rf"params\.yaml: storage\.{key}: .*{message}"):
         load_params(params)
-    with pytest.raises(ConfigError, match=r"storage\.trian: unknown key \(known: train, tune\)"):
+    with pytest.raises(
+        ConfigError, match=r"storage\.trian: unknown key \(known: ablate, data, train, tune\)"
+    ):
         params_from_dict({"storage": {"trian": "runs/ray"}})
 
 
