@@ -19,14 +19,16 @@ and credentials from its environment only.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
-from tests.dvc_repo import copy_repo
+from tests.dvc_repo import GIT, copy_repo, fresh_repo, merge
 from tests.netns_cluster import netns_ray_cluster
 from tests.netns_services import ClusterServices, s3_env, start_services
 from tests.train_samples import tiny_data, tiny_params, write_params
@@ -129,3 +131,59 @@ READ_OBJECT = """
 import sys, boto3
 print(boto3.client("s3").get_object(Bucket=sys.argv[1], Key=sys.argv[2])["Body"].read().decode())
 """
+
+
+def test_2_dvc_repro_from_the_head_then_push_and_a_pull_on_a_worker_node_is_up_to_date(
+    services: ClusterServices,
+) -> None:
+    cluster, bucket = services.cluster, services.bucket
+    repo, env = fresh_repo(cluster.private / "project")  # the head's checkout: no worker node has it
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    storage = {"train": f"s3://{bucket}/dvc/ray", "data": f"s3://{bucket}/dvc/data"}
+    params = merge(params, {"train": TWO_RANKS, "storage": storage})
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    head_env = {**env, **cluster.client_env, **services.env, "MLFLOW_TRACKING_URI": services.tracking_uri}
+
+    def in_head(*command: str) -> str:
+        done = cluster.run_in_head(list(command), timeout=900, cwd=repo, env=head_env)
+        assert done.returncode == 0, f"{command} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+        return done.stdout + done.stderr
+
+    started = time.perf_counter()
+    repro = in_head("dvc", "repro")
+    print(f"run 2: dvc repro on the head with RAY_ADDRESS: {time.perf_counter() - started:.1f} s")
+    assert "Running stage 'train'" in repro and "Running stage 'evaluate'" in repro, repro[-3000:]
+    keys = services.keys("dvc/")
+    assert any(k.startswith("dvc/data/") and k.endswith("/manifest.json") for k in keys), "data staged in S3"
+    assert any(k.startswith("dvc/ray/") and "/checkpoint_" in k for k in keys), "checkpoints in S3"
+
+    remote = f"s3://{bucket}/dvc-remote"
+    in_head("dvc", "remote", "add", "-d", "storage", remote)
+    in_head("dvc", "remote", "modify", "storage", "endpointurl", services.env["AWS_ENDPOINT_URL"])
+    subprocess.run([*GIT, "add", "-A"], cwd=repo, env=env, check=True)
+    subprocess.run([*GIT, "commit", "-qm", "pipeline run; S3 remote"], cwd=repo, env=env, check=True)
+    assert "pushed" in in_head("dvc", "push")
+    origin = cluster.shared / "project.git"  # the git server: code and dvc.lock, no data
+    subprocess.run(["git", "clone", "-q", "--bare", str(repo), str(origin)], env=env, check=True)
+
+    clone = cluster.private / "clone"  # on the worker node's own disk
+    worker_env = {**env, **services.env}
+
+    def on_worker(*command: str, cwd: Path = clone) -> str:
+        done = subprocess.run(
+            cluster.in_worker(1, command),
+            cwd="/",
+            env=worker_env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, f"{command} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+        return done.stdout + done.stderr
+
+    on_worker("sh", "-c", f'test ! -e "{repo}"')  # the head's checkout does not exist there
+    on_worker("git", "clone", "-q", str(origin), str(clone))
+    on_worker("sh", "-c", f'cd "{clone}" && dvc pull')
+    status = on_worker("sh", "-c", f'cd "{clone}" && dvc repro')
+    assert "Data and pipelines are up to date." in status and "Running stage" not in status, status
+    assert not clone.exists(), "the clone is on the worker node's own disk"
