@@ -125,6 +125,9 @@ class TrainConfig:
     # and after losing a node continues from the latest checkpoint with fewer. The lr follows
     # the global batch (batch_size x workers), see `pipeline.train.elastic`.
     min_workers: int = 0
+    # Elastic only: how often (s) Ray Train checks for room for more workers while training; when a
+    # node has joined, the run restarts from its latest checkpoint with the larger group.
+    resize_check_s: float = 60.0
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     batch_size: int = 2  # images per worker per step
@@ -169,7 +172,7 @@ class TrainConfig:
                          ("weight_decay", 0.0), ("warmup_iters", 0), ("loader_workers", 0),
                          ("checkpoint_every", 1), ("log_every", 1), ("threads", 0),
                          ("eval_every", 0), ("val_images", 1), ("system_metrics_s", 0.0),
-                         ("max_failures", -1)):  # fmt: skip  # max_failures -1: retry forever (Ray's convention)
+                         ("resize_check_s", 0.0), ("max_failures", -1)):  # fmt: skip  # max_failures -1: retry forever (Ray's convention)
             if getattr(self, key) < low:
                 raise ValueError(f"{key}: must be >= {low}, got {getattr(self, key)}")
         for key in ("cpus_per_worker", "lr") + (

@@ -79,6 +79,10 @@ class NetnsRayCluster:
     root: Path  # the temp dir: head/ and w<k>/ (the nodes' Ray temp dirs), private/, shared/
     start_s: float = 0.0  # how long `start_netns_cluster` took
     port: int = PORT
+    worker_start: list[str] = field(
+        default_factory=list, repr=False
+    )  # a worker node's command, less its address
+    node_env: Mapping[str, str] = field(default_factory=dict, repr=False)  # every node's environment
 
     @property
     def namespaces(self) -> list[str]:
@@ -151,6 +155,14 @@ class NetnsRayCluster:
         if not pids:
             raise RuntimeError(f"worker node {k} ({self.worker_ns[k - 1]}) runs no process")
         return ["nsenter", "--target", str(min(pids)), "--net", "--mount", "--", *command]
+
+    def start_worker_node(self, k: int) -> None:
+        """Start worker node ``k`` (1-based) in its namespace, with a fresh private tmpfs: at cluster
+        start, or again after `kill_worker_node` (a machine rejoining the cluster)."""
+        ns, ip = self.worker_ns[k - 1], self.worker_ips[k - 1]
+        command = ["ip", "netns", "exec", ns, *self.worker_start, "--node-ip-address", ip,
+                   "--temp-dir", str(self.root / f"w{k}")]  # fmt: skip
+        _ray_start(command, self.node_env, self.root / f"w{k}" / "ray_start.log")
 
     def kill_worker_node(self, k: int) -> None:
         """SIGKILL every process of worker node ``k`` (its raylet, its Ray workers, all of it)."""
@@ -227,14 +239,14 @@ def start_netns_cluster(workers: int = 1, *, cpus_per_node: int = 1, subnet: str
                              "--temp-dir", str(root / "head"), *head_dashboard, *head_args]),
             env, root / "head" / "ray_start.log",
         )  # fmt: skip
-        for k, (ns, ip) in enumerate(zip(cluster.worker_ns, cluster.worker_ips, strict=True), start=1):
-            # Its own mount namespace, a tmpfs over `private`, then the node: it and everything it
-            # starts see the empty tmpfs; the mount goes when the last of them exits.
-            command = ["ip", "netns", "exec", ns, "unshare", "--mount", "--propagation", "private", "sh", "-c",
-                       f'mount -t tmpfs -o size={private_mb}m fpn-private "$0" && exec "$@"', str(cluster.private),
-                       ray, "start", "--address", cluster.address, "--node-ip-address", ip,
-                       "--temp-dir", str(root / f"w{k}"), *worker_args]  # fmt: skip
-            _ray_start(command, env, root / f"w{k}" / "ray_start.log")
+        # Its own mount namespace, a tmpfs over `private`, then the node: it and everything it
+        # starts see the empty tmpfs; the mount goes when the last of them exits.
+        cluster.worker_start = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                                f'mount -t tmpfs -o size={private_mb}m fpn-private "$0" && exec "$@"',
+                                str(cluster.private), ray, "start", "--address", cluster.address, *worker_args]  # fmt: skip
+        cluster.node_env = env
+        for k in range(1, workers + 1):
+            cluster.start_worker_node(k)
         _wait_alive(cluster, 1 + workers)
     except BaseException:
         cluster.stop()

@@ -97,6 +97,7 @@ def build_trainer(job: TrainJob, storage_path: str, *, callbacks: list[Any] | No
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=(t.min_workers, t.num_workers) if t.elastic else t.num_workers,
+            elastic_resize_monitor_interval_s=t.resize_check_s,
             use_gpu=t.use_gpu,
             resources_per_worker=resources,
         ),

@@ -80,6 +80,7 @@ NAME_NEUTRAL_TRAIN_KEYS = frozenset(
         "loader_workers",
         "loader",  # the same batches either way (`pipeline.train.streaming`)
         "min_workers",  # how far an elastic run may shrink, not what it learns at full size
+        "resize_check_s",  # when an elastic run looks for joined nodes
         # validation leaves training bit for bit unchanged (`pipeline.train.validation`)
         "eval_every",
         "val_images",

@@ -22,6 +22,7 @@ import json
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -127,6 +128,18 @@ import io, json, sys, boto3, torch
 data = boto3.client("s3").get_object(Bucket=sys.argv[1], Key=sys.argv[2])["Body"].read()
 print(json.dumps(torch.load(io.BytesIO(data), weights_only=True)["extra"]))
 """
+REGISTERED = """
+import json, sys, boto3
+s3 = boto3.client("s3")
+pages = s3.get_paginator("list_objects_v2").paginate(Bucket=sys.argv[1], Prefix=sys.argv[2])
+iteration = 0
+for key in (o["Key"] for p in pages for o in p.get("Contents", [])):
+    if key.endswith("/checkpoint_manager_snapshot.json"):
+        snapshot = json.loads(s3.get_object(Bucket=sys.argv[1], Key=key)["Body"].read())
+        latest = snapshot.get("latest_checkpoint_result")
+        iteration = max(iteration, int(latest["metrics"]["iteration"]) if latest else 0)
+print(iteration)
+"""
 READ_OBJECT = """
 import sys, boto3
 print(boto3.client("s3").get_object(Bucket=sys.argv[1], Key=sys.argv[2])["Body"].read().decode())
@@ -187,3 +200,152 @@ def test_2_dvc_repro_from_the_head_then_push_and_a_pull_on_a_worker_node_is_up_t
     status = on_worker("sh", "-c", f'cd "{clone}" && dvc repro')
     assert "Data and pipelines are up to date." in status and "Running stage" not in status, status
     assert not clone.exists(), "the clone is on the worker node's own disk"
+
+
+def test_3_tune_with_two_trials_and_ablate_with_two_variants_keep_their_runs_in_s3(
+    services: ClusterServices,
+) -> None:
+    cluster, bucket = services.cluster, services.bucket
+    root = cluster.private / "sweeps"  # the driver's disk: the data and the outputs
+    data = tiny_data(root / "data", train_images=8, val_images=4)
+    one_rank = {"num_workers": 1, "cpus_per_worker": 1, "threads": 1}
+    raw = tiny_params(**one_rank, iterations=4, checkpoint_every=2, log_every=2, lr_steps=[3])
+    raw["storage"] = {
+        "tune": f"s3://{bucket}/tune",
+        "ablate": f"s3://{bucket}/ablate",
+        "data": f"s3://{bucket}/staged",
+    }
+    raw["tune"] = {
+        "num_samples": 2, "max_concurrent_trials": 2, "iterations": 4, "eval_every": 2, "grace_period": 2,
+        "val_images": 4, "seed": 1, "space": {"train.lr": {"type": "loguniform", "low": 0.01, "high": 0.1}},
+    }  # fmt: skip
+    raw["ablate"] = {"variants": ["fpn", "bottom_up"], "parallel": 2, "experiment": "ablate-cluster"}
+    params = write_params(root / "params.yaml", raw)
+
+    def stage(*args: str) -> str:
+        started = time.perf_counter()
+        done = cluster.run_in_head(
+            [sys.executable, "-m", *args], timeout=900, cwd=REPO_ROOT, env=services.driver_env()
+        )
+        assert done.returncode == 0, f"{args[0]} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+        print(f"run 3: {args[0]} on the cluster: {time.perf_counter() - started:.1f} s")
+        return done.stdout
+
+    stage("stages.tune", "--params", str(params), "--data", str(data),
+          "--best-params", str(root / "best.yaml"), "--results", str(root / "tune.csv"))  # fmt: skip
+    rows = (root / "tune.csv").read_text().splitlines()
+    assert len(rows) == 3, rows  # header + 2 trials
+    assert yaml.safe_load((root / "best.yaml").read_text())["train"]["lr"] > 0
+    tune_keys = services.keys("tune/")
+    assert sum(k.endswith("/train.json") or "/checkpoint_" in k for k in tune_keys) > 0, tune_keys[:20]
+
+    stage("stages.ablate", "--params", str(params), "--data", str(data), "--table", str(root / "ablation.md"),
+          "--metrics", str(root / "ablation.json"), "--plots", str(root / "ablation.csv"), "--work", str(root / "work"))  # fmt: skip
+    results = json.loads((root / "ablation.json").read_text())
+    assert set(results) >= {"fpn", "bottom_up"}, results.keys()
+    ablate_keys = services.keys("ablate/")
+    runs = {k.split("/")[1] for k in ablate_keys if "/checkpoint_" in k}
+    assert len(runs) == 2, ablate_keys[:20]  # one Ray Train run per variant, in the bucket
+    assert not (root / "work" / "ray").exists(), "no local Ray storage"
+    staged = {k.split("/")[1] for k in services.keys("staged/")}
+    assert len(staged) == 1, staged  # the data was copied once, for tune and ablate alike
+
+
+def read_rank(status: Path, rank: int) -> dict | None:
+    try:
+        return json.loads((status / f"rank{rank}.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def wait_until(predicate, what: str, stage: subprocess.Popen, log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if stage.poll() is not None:
+            raise AssertionError(
+                f"the stage ended (rc {stage.returncode}) before {what}:\n{log.read_text()[-5000:]}"
+            )
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}:\n{log.read_text()[-5000:]}")
+        time.sleep(0.5)
+
+
+def test_4_a_lost_worker_node_leaves_one_worker_from_the_s3_checkpoint_and_a_joining_node_is_used(
+    services: ClusterServices,
+) -> None:
+    cluster, bucket = services.cluster, services.bucket
+    root = cluster.private / "elastic"
+    data = tiny_data(root / "data", train_images=8, val_images=4)
+    total = 300
+    raw = tiny_params(**TWO_RANKS, min_workers=1, resize_check_s=5, iterations=total, checkpoint_every=10,
+                      log_every=5, max_failures=6)  # fmt: skip
+    raw["storage"] = {"train": f"s3://{bucket}/elastic/ray", "data": f"s3://{bucket}/staged"}
+    params = write_params(root / "params.yaml", raw)
+    status = cluster.shared / "elastic-status"
+    command = [
+        sys.executable, "-m", "stages.train", "--params", str(params), "--data", str(data),
+        "--model-out", f"s3://{bucket}/elastic/model.pt", "--metrics", str(root / "train.json"),
+        "--plots", str(root / "loss.csv"), "--status-dir", str(status),
+    ]  # fmt: skip
+    log = root / "stage.log"
+    with log.open("wb") as out:
+        stage = cluster.popen_in_head(
+            command, env=services.driver_env(), cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        # Registered by Ray's controller (its snapshot in S3), not only uploaded: the one to resume from.
+        wait_until(lambda: int(services.python(REGISTERED, bucket, "elastic/ray/")) > 0,
+                   "a registered checkpoint in S3", stage, log, timeout=300)  # fmt: skip
+        victim = read_rank(status, 1)
+        assert victim is not None and victim["world_size"] == 2 and victim["iteration"] < total, victim
+        node = cluster.worker_ips.index(victim["node_ip"]) + 1
+        killed_at = time.monotonic()
+        cluster.kill_worker_node(node)
+
+        def alone() -> dict | None:
+            rank0 = read_rank(status, 0)
+            ok = rank0 and rank0["world_size"] == 1 and rank0["iteration"] > rank0["start_iteration"]
+            return rank0 if ok else None
+
+        wait_until(alone, "one worker training on", stage, log, timeout=420)
+        recovery, resumed = time.monotonic() - killed_at, alone()
+        assert resumed is not None and resumed["node_ip"] == cluster.worker_ips[2 - node], resumed
+
+        joined_at = time.time()
+        cluster.start_worker_node(node)  # the machine comes back: a node joins the cluster
+
+        def two_again() -> bool:
+            ranks = [read_rank(status, k) for k in (0, 1)]
+            return all(r and r["world_size"] == 2 and r["time"] > joined_at for r in ranks)
+
+        wait_until(two_again, "two workers again after the node joined", stage, log, timeout=420)
+        regrown, grown = time.time() - joined_at, read_rank(status, 0)
+        assert stage.wait(timeout=600) == 0, log.read_text()[-5000:]
+    finally:
+        if stage.poll() is None:
+            stage.kill()
+    repeated = victim["iteration"] - resumed["start_iteration"]
+    print(
+        f"run 4: worker node {node} killed at iteration {victim['iteration']}; one worker went on from the S3 "
+        f"checkpoint at iteration {resumed['start_iteration']} ({repeated} iterations repeated), training again "
+        f"{recovery:.1f} s after the kill; the node rejoined and two workers trained again {regrown:.1f} s later, from iteration "
+        f"{grown['start_iteration']} of {total}"
+    )
+    metrics = json.loads((root / "train.json").read_text())
+    assert metrics["iterations"] == total and metrics["attempts"] >= 3, (metrics, log.read_text()[-8000:])
+    ranks = [read_rank(status, k) for k in (0, 1)]
+    assert all(r["world_size"] == 2 and r["iteration"] == total for r in ranks), ranks
+    steps = [int(line.split(",")[0]) for line in (root / "loss.csv").read_text().splitlines()[1:]]
+    assert steps == list(range(1, total + 1)), "no step lost, none counted twice"
+    text = log.read_text()
+    assert "resumed on 1 workers (the checkpoint's run had 2)" in text
+    assert "resumed on 2 workers (the checkpoint's run had 1)" in text
+    # One MLflow run holds every phase; steps trained again after a restart are logged again.
+    extra = json.loads(services.python(MODEL_EXTRA, bucket, "elastic/model.pt"))
+    run_id = extra["mlflow_run_id"]
+    assert services.mlflow(f"client.get_run({run_id!r}).info.status") == "FINISHED"
+    history = services.mlflow(f"[(m.step, m.value) for m in client.get_metric_history({run_id!r}, 'lr')]")
+    counts = Counter(step for step, _ in history)
+    assert sorted(counts) == list(range(1, total + 1)) and max(counts.values()) <= 3, counts
+    # After the warmup the lr follows the global batch: 0.08 x 4 / 16 with two workers, x 2 / 16 with one.
+    assert sorted({round(value, 9) for step, value in history if step > 2}) == [0.01, 0.02]
