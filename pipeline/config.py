@@ -256,6 +256,9 @@ class ProfileConfig:
     devices: tuple[str, ...] = ("cpu", "cuda")  # measured where present; cuda is skipped without a GPU
     threads: int = 0  # torch CPU threads; 0 = torch's default
     seed: int = 0  # synthetic inputs and reference weights
+    # here | cluster (a Ray task with one training worker's CPUs and GPU) | auto: cluster when
+    # RAY_ADDRESS is set (`pipeline.profile.on_cluster`)
+    where: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
@@ -266,6 +269,8 @@ class ProfileConfig:
             raise ValueError(f"devices: each must be cpu or cuda, got {list(self.devices)}")
         if self.threads < 0:
             raise ValueError(f"threads: must be >= 0, got {self.threads}")
+        if self.where not in ("here", "cluster", "auto"):
+            raise ValueError(f"where: must be here, cluster or auto, got {self.where!r}")
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from typing import Any
 from pipeline.config import Params
 from pipeline.io import atomic_write_bytes
 from pipeline.model_file import load_model_file
+from pipeline.profile.on_cluster import profile_on_cluster, runs_on_cluster
 from pipeline.profile.suite import Measurement, ProfileResult, run_profile
 from pipeline.tracking.run import TrackedRun, tracking_uri
 
@@ -261,10 +262,13 @@ def run_profile_stage(
     Raises `ModelFileError` (model file missing or broken) or `ValueError` (bad settings)
     before anything is written.
     """
-    loaded = load_model_file(model_path)
-    result = run_profile(
-        loaded.model, loaded.config, params.profile, train_batch_size=params.train.batch_size
-    )
+    loaded = load_model_file(model_path)  # a broken file fails here, before any Ray work
+    if runs_on_cluster(params.profile.where):
+        result = profile_on_cluster(Path(model_path).read_bytes(), params)
+    else:
+        result = run_profile(
+            loaded.model, loaded.config, params.profile, train_batch_size=params.train.batch_size
+        )
     metrics_path, plots_path = Path(metrics_path), Path(plots_path)
     png_path = Path(png_path) if png_path is not None else plots_path.with_suffix(".png")
     metrics = write_metrics(result, metrics_path)

@@ -166,6 +166,8 @@ def test_2_dvc_repro_from_the_head_then_push_and_a_pull_on_a_worker_node_is_up_t
     repro = in_head("dvc", "repro")
     print(f"run 2: dvc repro on the head with RAY_ADDRESS: {time.perf_counter() - started:.1f} s")
     assert "Running stage 'train'" in repro and "Running stage 'evaluate'" in repro, repro[-3000:]
+    # profile.where: auto with RAY_ADDRESS: measured on a node that trains, not on the head
+    assert any(f"measured on Ray node {ip} " in repro for ip in cluster.worker_ips), repro[-3000:]
     keys = services.keys("dvc/")
     assert any(k.startswith("dvc/data/") and k.endswith("/manifest.json") for k in keys), "data staged in S3"
     assert any(k.startswith("dvc/ray/") and "/checkpoint_" in k for k in keys), "checkpoints in S3"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +15,11 @@ import torch
 from mlflow import MlflowClient
 
 from fpn import build_detector
+from pipeline.config import ConfigError, params_from_dict
 from pipeline.model_file import save_model_file
 from stages import profile as stage
 from tests.detection_samples import TINY_PROFILE_CONFIG as TINY
+from tests.ray_cluster import LocalRayCluster, ray_cluster  # noqa: F401 (the session fixture)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PARAMS = """
@@ -148,3 +151,31 @@ def test_bad_batch_size_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureF
     err = capsys.readouterr().err
     assert "profile" in err and "batch_sizes" in err and "[0]" in err
     assert not (tmp_path / "m.json").exists()
+
+
+@pytest.mark.slow
+def test_where_cluster_measures_in_a_ray_task_with_a_training_workers_resources(
+    ray_cluster: LocalRayCluster,  # noqa: F811 (the session fixture)
+    tmp_path: Path,
+) -> None:
+    model = _model_file(tmp_path / "model.pt", None)
+    params = PARAMS.replace("train:\n", "train:\n  cpus_per_worker: 1\n").replace(
+        "profile:\n",
+        "profile:\n  where: cluster\n  compare_torchvision: false\n  single_scale_baseline: false\n"
+        "  train_step: false\n",
+    )
+    (tmp_path / "params.yaml").write_text(params)
+    metrics_path = tmp_path / "profile.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "stages.profile", "--params", str(tmp_path / "params.yaml"), "--model", str(model),
+         "--metrics", str(metrics_path), "--plots", str(tmp_path / "split.csv"), "--no-mlflow"],
+        cwd=REPO_ROOT, env=ray_cluster.env(), capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"note: measured on Ray node [0-9.]+ \(1 CPUs\)", done.stdout), done.stdout[-2000:]
+    assert json.loads(metrics_path.read_text())["cpu.model.bs1.latency_median_ms"] > 0
+
+
+def test_where_is_checked() -> None:
+    with pytest.raises(ConfigError, match=r"profile\.where: must be here, cluster or auto, got 'gpu'"):
+        params_from_dict({"profile": {"where": "gpu"}})
