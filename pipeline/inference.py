@@ -16,7 +16,6 @@ The cluster is the one named by ``RAY_ADDRESS``, else a local one started (and s
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from tqdm import tqdm
 
 from pipeline import dataset
 from pipeline.cluster import connected
-from pipeline.model_file import LoadedModel, load_model_file
+from pipeline.model_file import LoadedModel, load_model_bytes, load_model_file
 
 
 class InferenceError(ValueError):
@@ -145,10 +144,7 @@ def _predict_part(
     model_bytes: bytes, index: dataset.SplitIndex, positions: list[int], batch_size: int
 ) -> tuple[list[ImageDetections], float]:
     """Body of one Ray task: load the model file from bytes, run `predict_entries` on its positions."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.pt"
-        path.write_bytes(model_bytes)
-        loaded = load_model_file(path)
+    loaded = load_model_bytes(model_bytes, "the model file sent to this Ray task")
     return predict_entries(
         loaded.model, index, positions, batch_size=batch_size, device=default_device(), progress=False
     )

@@ -16,6 +16,7 @@ sees half a file.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,8 +74,19 @@ def load_model_file(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: model file not found")
+    return _loaded(path, path, map_location)
+
+
+def load_model_bytes(data: bytes, where: str, map_location: str | torch.device = "cpu") -> LoadedModel:
+    """`load_model_file` of a model file's bytes (sent through Ray's object store); errors name ``where``."""
+    return _loaded(io.BytesIO(data), where, map_location)
+
+
+def _loaded(source: Path | io.BytesIO, where: str | Path, map_location: str | torch.device) -> LoadedModel:
+    """The model file at ``source`` built into a detector (eval mode); `ModelFileError` names ``where``."""
+    path = where
     try:
-        blob = torch.load(path, map_location=map_location, weights_only=True)
+        blob = torch.load(source, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means "not a model file"
         raise ModelFileError(f"{path}: not a loadable checkpoint ({type(err).__name__}: {err})") from err
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:

@@ -10,7 +10,7 @@
   head node, ``ray job submit``), else ``here``.
 
 The model file's bytes travel through Ray's object store, so the node that profiles needs no
-access to the driver's disk; it loads them with `pipeline.model_file.load_model_file` (weights
+access to the driver's disk; it loads them with `pipeline.model_file.load_model_bytes` (weights
 only). The task sends back the `ProfileResult` and the node's address, which is added to the
 result's notes; the driver writes the files and logs to MLflow as for a local run.
 """
@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
-from pathlib import Path
 
 from pipeline import cluster
 from pipeline.config import Params
-from pipeline.model_file import load_model_file
+from pipeline.model_file import load_model_bytes
 from pipeline.profile.suite import ProfileResult, run_profile
 
 log = logging.getLogger(__name__)
@@ -56,10 +54,7 @@ def _profile_task(model_file: bytes, params: Params) -> tuple[ProfileResult, str
     """In the task: the model from its bytes, measured as `run_profile` does; and this node's address."""
     import ray
 
-    with tempfile.TemporaryDirectory(prefix="fpn-profile-") as tmp:
-        path = Path(tmp) / "model.pt"
-        path.write_bytes(model_file)
-        loaded = load_model_file(path)
+    loaded = load_model_bytes(model_file, "the model file sent to this Ray task")
     result = run_profile(
         loaded.model, loaded.config, params.profile, train_batch_size=params.train.batch_size
     )
