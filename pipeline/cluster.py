@@ -14,7 +14,7 @@
   stopping what the failed attempt had started.
 * `connected()` is the same as a context manager that shuts down what it started.
 * `check_fits()` compares ``runs`` training runs of ``train.num_workers`` workers with what a
-  cluster (or this machine) has, so a request that can never schedule fails with the key to
+  cluster (or this machine) has, in total and node by node (a worker runs whole on one node), so a request that can never schedule fails with the key to
   change instead of Ray waiting forever.
 * `check_nodes()` checks from every node of a multi-node cluster, with one small task each,
   that the data, the storage path, the starting weights and the tracking server are there, so
@@ -217,14 +217,45 @@ def check_tracking_reachable(uri: str, nodes: int, where: str) -> None:
         )
 
 
+def node_resources() -> list[dict[str, float]]:
+    """``{"CPU": ..., "GPU": ...}`` of each alive node of the connected Ray cluster."""
+    import ray
+
+    return [
+        {"CPU": float(n["Resources"].get("CPU", 0.0)), "GPU": float(n["Resources"].get("GPU", 0.0))}
+        for n in ray.nodes()
+        if n.get("Alive")
+    ]
+
+
+def workers_per_node(params: Params, nodes: Sequence[Mapping[str, float]]) -> list[int]:
+    """How many training workers (``train.cpus_per_worker`` CPUs, one GPU with ``train.use_gpu``) fit on each node.
+
+    Ray places each worker whole on one node: 1.5 CPUs on each of two nodes fit no 2-CPU worker.
+    """
+    t = params.train
+    fits = []
+    for node in nodes:
+        by_cpu = int(node.get("CPU", 0.0) / t.cpus_per_worker + 1e-9)
+        fits.append(min(by_cpu, int(node.get("GPU", 0.0) + 1e-9)) if t.use_gpu else by_cpu)
+    return fits
+
+
 def check_fits(
-    params: Params, resources: Mapping[str, float], where: str, *, runs: int = 1, runs_key: str = ""
+    params: Params,
+    resources: Mapping[str, float],
+    where: str,
+    *,
+    runs: int = 1,
+    runs_key: str = "",
+    nodes: Sequence[Mapping[str, float]] = (),
 ) -> None:
     """``runs`` runs of ``train.num_workers`` workers must fit ``resources`` at once, else `ConfigError`.
 
     ``resources`` is ``{"CPU": 2.0, "GPU": 0.0}`` of a Ray cluster or of this machine; ``where``
     names it in the message; ``runs_key`` is the params key that sets ``runs`` (named first in
-    the message when ``runs > 1``).
+    the message when ``runs > 1``). ``nodes`` (`node_resources`, a cluster's) also checks that
+    each worker fits whole on one node (`workers_per_node`), not only in the totals.
     """
     t = params.train
     gpus, cpus = float(resources.get("GPU", 0.0)), float(resources.get("CPU", 0.0))
@@ -244,6 +275,25 @@ def check_fits(
             f"{many or key}{t.num_workers} workers x {t.cpus_per_worker:g} CPUs = {needed:g} CPUs, "
             f"but {where} has {cpus:g}; lower train.cpus_per_worker or train.num_workers"
         )
+    if nodes:
+        _check_fits_on_nodes(params, nodes, where, workers, many)
+
+
+def _check_fits_on_nodes(
+    params: Params, nodes: Sequence[Mapping[str, float]], where: str, workers: int, many: str
+) -> None:
+    """`check_fits` by node: ``workers`` whole workers must find a node each."""
+    t = params.train
+    fits = workers_per_node(params, nodes)
+    if sum(fits) >= workers:
+        return
+    one = f"{t.cpus_per_worker:g} CPUs" + (" and 1 GPU" if t.use_gpu else "")
+    sizes = ", ".join(f"{n.get('CPU', 0.0):g} CPUs/{n.get('GPU', 0.0):g} GPUs" for n in nodes)
+    raise ConfigError(
+        f"{many or 'train.cpus_per_worker: '}{t.num_workers} workers of {one} each, and a worker runs whole "
+        f"on one node: the nodes of {where} ({sizes}) hold {sum(fits)} at once, not {workers}; lower "
+        "train.cpus_per_worker or train.num_workers"
+    )
 
 
 DATA_HINT = "the data must be on storage every node sees at the same path: NFS"

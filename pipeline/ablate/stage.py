@@ -272,7 +272,10 @@ class AblationRun:
 def _check_parallel_fits(params: Params, parallel: int, where: str) -> None:
     """Warn when ``parallel`` runs cannot all hold their workers at once on the cluster (Ray queues them)."""
     try:
-        check_fits(params, cluster.resources(), where, runs=parallel, runs_key="ablate.parallel")
+        check_fits(
+            params, cluster.resources(), where, runs=parallel, runs_key="ablate.parallel",
+            nodes=cluster.node_resources(),
+        )  # fmt: skip
     except ConfigError as err:
         log.warning("%s: Ray runs the rest as resources free up", err)
 

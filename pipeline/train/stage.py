@@ -200,7 +200,12 @@ def _fit(job: TrainJob, storage: str, *, use_ray: bool) -> tuple[dict[str, Any],
         t = params.train
         # Elastic: the run starts with what fits, at least min_workers (`pipeline.train.elastic`).
         least = dataclasses.replace(t, num_workers=t.min_workers, min_workers=0) if t.elastic else t
-        check_fits(dataclasses.replace(params, train=least), cluster.resources(), where)
+        check_fits(
+            dataclasses.replace(params, train=least),
+            cluster.resources(),
+            where,
+            nodes=cluster.node_resources(),
+        )
         weights = resolve_init_weights(params)
         job = dataclasses.replace(
             job, init_weights_file=weights, init_weights_ref=share_init_weights(weights)

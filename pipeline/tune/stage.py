@@ -383,7 +383,7 @@ def tune_sweep(
     name = sweep_name(params, data_hash)
     where = cluster.connect()
     cluster.check_tracking_reachable(tracking_uri(), cluster.node_count(), where)
-    check_fits(params, cluster.resources(), where, runs=cfg.max_concurrent_trials,
+    check_fits(params, cluster.resources(), where, runs=cfg.max_concurrent_trials, nodes=cluster.node_resources(),
                runs_key="tune.max_concurrent_trials")  # fmt: skip
     parent = _open_parent_run(params, space, name, data_hash)
     log.info("sweep %s: %d trials over %s on %s", name, cfg.num_samples, ", ".join(space.keys), where)

@@ -69,3 +69,31 @@ def test_cluster_must_fit_the_request() -> None:
     with pytest.raises(ConfigError, match="train.num_workers: 2 workers with one GPU each"):
         check_fits(params(num_workers=2, use_gpu=True), {"CPU": 8.0, "GPU": 1.0}, "x")
     check_fits(params(num_workers=2, cpus_per_worker=0.5), cpu_only, "the test cluster")
+
+
+def test_each_worker_must_fit_whole_on_one_node() -> None:
+    # 3 CPUs in all, but no node holds a 2-CPU worker: the totals alone would let Ray wait forever.
+    nodes = [{"CPU": 1.5, "GPU": 0.0}, {"CPU": 1.5, "GPU": 0.0}]
+    with pytest.raises(
+        ConfigError,
+        match=r"train.cpus_per_worker: 1 workers of 2 CPUs each, and a worker runs whole on one node: the "
+        r"nodes of the test cluster \(1.5 CPUs/0 GPUs, 1.5 CPUs/0 GPUs\) hold 0 at once, not 1",
+    ):
+        check_fits(params(cpus_per_worker=2.0), {"CPU": 3.0, "GPU": 0.0}, "the test cluster", nodes=nodes)
+    # GPUs: a node with 4 CPUs and no GPU holds no GPU worker; 2 GPU nodes of 1 CPU hold one each.
+    gpu_nodes = [{"CPU": 4.0, "GPU": 0.0}, {"CPU": 1.0, "GPU": 1.0}, {"CPU": 1.0, "GPU": 2.0}]
+    total = {"CPU": 6.0, "GPU": 3.0}
+    check_fits(params(num_workers=2, use_gpu=True), total, "x", nodes=gpu_nodes)
+    with pytest.raises(ConfigError, match=r"3 workers of 1 CPUs and 1 GPU each, .* hold 2 at once, not 3"):
+        check_fits(params(num_workers=3, use_gpu=True), total, "x", nodes=gpu_nodes)
+    with pytest.raises(
+        ConfigError, match=r"^ablate.parallel: 2 runs x 1 workers of 1 CPUs each, .* hold 1 at once, not 2"
+    ):
+        check_fits(
+            params(),
+            {"CPU": 2.0},
+            "x",
+            runs=2,
+            runs_key="ablate.parallel",
+            nodes=[{"CPU": 0.5}, {"CPU": 1.5}],
+        )
