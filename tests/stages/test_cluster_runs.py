@@ -238,6 +238,12 @@ def test_3_tune_with_two_trials_and_ablate_with_two_variants_keep_their_runs_in_
     rows = (root / "tune.csv").read_text().splitlines()
     assert len(rows) == 3, rows  # header + 2 trials
     assert yaml.safe_load((root / "best.yaml").read_text())["train"]["lr"] > 0
+    # The trials ran on the worker nodes and logged to the tracking server, as children of the sweep's run.
+    trials = services.mlflow(
+        "[r.data.tags.get('mlflow.parentRunId') for e in client.search_experiments() "
+        "for r in client.search_runs([e.experiment_id]) if 'tune.trial_id' in r.data.tags]"
+    )
+    assert len(trials) == 2 and len(set(trials)) == 1 and trials[0], trials
     tune_keys = services.keys("tune/")
     assert sum(k.endswith("/train.json") or "/checkpoint_" in k for k in tune_keys) > 0, tune_keys[:20]
 
