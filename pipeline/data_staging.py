@@ -8,7 +8,8 @@ cluster's head node then trains on every node without a step of its own to move 
 
 * Named by content: the copy's prefix is the manifest's data hash, so the run's name (a hash of
   the params and the data hash) and everything keyed on it are the same as when reading the
-  folder, and changed data goes to a new prefix; nothing is ever overwritten or deleted.
+  folder, and changed data goes to a new prefix. Nothing is deleted; a copy that stopped
+  half-way (no ``manifest.json`` yet) is written again over its own files, the same bytes.
 * Copied once: a copy whose ``manifest.json`` exists is complete (`pipeline.dataset.completion_files`
   are written last), and the next run uploads nothing.
 * A ``--data`` that is already a URI is read where it is.

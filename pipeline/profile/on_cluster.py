@@ -17,6 +17,7 @@ result's notes; the driver writes the files and logs to MLflow as for a local ru
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -39,6 +40,9 @@ def profile_on_cluster(model_file: bytes, params: Params) -> ProfileResult:
 
     t = params.train
     with cluster.connected() as where:
+        # One worker's bundle must fit a node, or Ray would wait for it forever.
+        one = dataclasses.replace(params, train=dataclasses.replace(t, num_workers=1, min_workers=0))
+        cluster.check_fits(one, cluster.resources(), where, nodes=cluster.node_resources())
         task = ray.remote(num_cpus=t.cpus_per_worker, num_gpus=1 if t.use_gpu else 0, max_retries=0)(
             _profile_task
         )

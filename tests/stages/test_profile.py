@@ -179,3 +179,25 @@ def test_where_cluster_measures_in_a_ray_task_with_a_training_workers_resources(
 def test_where_is_checked() -> None:
     with pytest.raises(ConfigError, match=r"profile\.where: must be here, cluster or auto, got 'gpu'"):
         params_from_dict({"profile": {"where": "gpu"}})
+
+
+@pytest.mark.slow
+def test_where_cluster_refuses_a_gpu_the_cluster_lacks(
+    ray_cluster: LocalRayCluster,  # noqa: F811 (the session fixture)
+    tmp_path: Path,
+) -> None:
+    model = _model_file(tmp_path / "model.pt", None)
+    params = PARAMS.replace("train:\n", "train:\n  use_gpu: true\n").replace(
+        "profile:\n", "profile:\n  where: cluster\n"
+    )
+    (tmp_path / "params.yaml").write_text(params)
+    done = subprocess.run(
+        [sys.executable, "-m", "stages.profile", "--params", str(tmp_path / "params.yaml"), "--model", str(model),
+         "--metrics", str(tmp_path / "profile.json"), "--plots", str(tmp_path / "split.csv"), "--no-mlflow"],
+        cwd=REPO_ROOT, env=ray_cluster.env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "train.use_gpu: true, but the Ray cluster at" in done.stderr and "has no GPU" in done.stderr, (
+        done.stderr[-2000:]
+    )
+    assert not (tmp_path / "profile.json").exists()
