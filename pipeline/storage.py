@@ -149,9 +149,7 @@ def local_copies(locations: Sequence[str | Path]) -> Iterator[list[Path]]:
         yield local
         for location, path in zip(map(str, locations), local, strict=True):
             if is_uri(location):
-                fs, target = filesystem_for(location)
-                with path.open("rb") as source, fs.open_output_stream(target) as sink:
-                    shutil.copyfileobj(source, sink, length=8 * 2**20)
+                _upload_file(path, *filesystem_for(location))
 
 
 def upload_order(files: Sequence[str], last: Sequence[str]) -> list[str]:
@@ -172,12 +170,14 @@ def upload_folder(folder: Path, location: str, *, last: Sequence[str] = (), prog
     files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
     ordered = upload_order(files, last)
     for name in tqdm(ordered, desc=f"upload to {location}", unit="file", disable=not progress):
-        with (
-            (folder / name).open("rb") as source,
-            fs.open_output_stream(f"{base.rstrip('/')}/{name}") as sink,
-        ):
-            shutil.copyfileobj(source, sink, length=8 * 2**20)
+        _upload_file(folder / name, fs, f"{base.rstrip('/')}/{name}")
     return len(ordered)
+
+
+def _upload_file(source: Path, fs: Any, path: str) -> None:
+    """Copy the local file ``source`` to ``path`` in the pyarrow filesystem ``fs`` (one object: whole or absent)."""
+    with source.open("rb") as reader, fs.open_output_stream(path) as sink:
+        shutil.copyfileobj(reader, sink, length=8 * 2**20)
 
 
 def check_output_location(location: str, stage: str, *, force: bool = False) -> None:

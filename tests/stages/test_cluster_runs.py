@@ -32,9 +32,11 @@ import yaml
 from tests.dvc_repo import GIT, copy_repo, fresh_repo, merge
 from tests.netns_cluster import netns_ray_cluster
 from tests.netns_services import ClusterServices, s3_env, start_services
+from tests.pipeline.train.test_ray_train import read_status, steps_in, wait_for
 from tests.train_samples import tiny_data, tiny_params, write_params
 
 pytestmark = pytest.mark.slow
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SUBNET = "10.78.0"
 TWO_RANKS = {"num_workers": 2, "cpus_per_worker": 1, "threads": 1}
 
@@ -70,12 +72,9 @@ def s3_data(services: ClusterServices) -> str:
     return uri
 
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
 def rank_nodes(status: Path, ranks: int) -> list[str]:
     """The node address each rank ran on, from its ``--status-dir`` file."""
-    return [json.loads((status / f"rank{k}.json").read_text())["node_ip"] for k in range(ranks)]
+    return [read_status(status, k)["node_ip"] for k in range(ranks)]
 
 
 def test_1_a_job_submitted_with_its_working_dir_trains_on_both_worker_nodes_from_s3_to_s3(
@@ -259,25 +258,6 @@ def test_3_tune_with_two_trials_and_ablate_with_two_variants_keep_their_runs_in_
     assert len(staged) == 1, staged  # the data was copied once, for tune and ablate alike
 
 
-def read_rank(status: Path, rank: int) -> dict | None:
-    try:
-        return json.loads((status / f"rank{rank}.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def wait_until(predicate, what: str, stage: subprocess.Popen, log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if stage.poll() is not None:
-            raise AssertionError(
-                f"the stage ended (rc {stage.returncode}) before {what}:\n{log.read_text()[-5000:]}"
-            )
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}:\n{log.read_text()[-5000:]}")
-        time.sleep(0.5)
-
-
 def test_4_a_lost_worker_node_leaves_one_worker_from_the_s3_checkpoint_and_a_joining_node_is_used(
     services: ClusterServices,
 ) -> None:
@@ -303,20 +283,20 @@ def test_4_a_lost_worker_node_leaves_one_worker_from_the_s3_checkpoint_and_a_joi
         )
     try:
         # Registered by Ray's controller (its snapshot in S3), not only uploaded: the one to resume from.
-        wait_until(lambda: int(services.python(REGISTERED, bucket, "elastic/ray/")) > 0,
+        wait_for(lambda: int(services.python(REGISTERED, bucket, "elastic/ray/")) > 0,
                    "a registered checkpoint in S3", stage, log, timeout=300)  # fmt: skip
-        victim = read_rank(status, 1)
+        victim = read_status(status, 1)
         assert victim is not None and victim["world_size"] == 2 and victim["iteration"] < total, victim
         node = cluster.worker_ips.index(victim["node_ip"]) + 1
         killed_at = time.monotonic()
         cluster.kill_worker_node(node)
 
         def alone() -> dict | None:
-            rank0 = read_rank(status, 0)
+            rank0 = read_status(status, 0)
             ok = rank0 and rank0["world_size"] == 1 and rank0["iteration"] > rank0["start_iteration"]
             return rank0 if ok else None
 
-        wait_until(alone, "one worker training on", stage, log, timeout=420)
+        wait_for(alone, "one worker training on", stage, log, timeout=420)
         recovery, resumed = time.monotonic() - killed_at, alone()
         assert resumed is not None and resumed["node_ip"] == cluster.worker_ips[2 - node], resumed
 
@@ -324,11 +304,11 @@ def test_4_a_lost_worker_node_leaves_one_worker_from_the_s3_checkpoint_and_a_joi
         cluster.start_worker_node(node)  # the machine comes back: a node joins the cluster
 
         def two_again() -> bool:
-            ranks = [read_rank(status, k) for k in (0, 1)]
+            ranks = [read_status(status, k) for k in (0, 1)]
             return all(r and r["world_size"] == 2 and r["time"] > joined_at for r in ranks)
 
-        wait_until(two_again, "two workers again after the node joined", stage, log, timeout=420)
-        regrown, grown = time.time() - joined_at, read_rank(status, 0)
+        wait_for(two_again, "two workers again after the node joined", stage, log, timeout=420)
+        regrown, grown = time.time() - joined_at, read_status(status, 0)
         assert stage.wait(timeout=600) == 0, log.read_text()[-5000:]
     finally:
         if stage.poll() is None:
@@ -342,10 +322,9 @@ def test_4_a_lost_worker_node_leaves_one_worker_from_the_s3_checkpoint_and_a_joi
     )
     metrics = json.loads((root / "train.json").read_text())
     assert metrics["iterations"] == total and metrics["attempts"] >= 3, (metrics, log.read_text()[-8000:])
-    ranks = [read_rank(status, k) for k in (0, 1)]
+    ranks = [read_status(status, k) for k in (0, 1)]
     assert all(r["world_size"] == 2 and r["iteration"] == total for r in ranks), ranks
-    steps = [int(line.split(",")[0]) for line in (root / "loss.csv").read_text().splitlines()[1:]]
-    assert steps == list(range(1, total + 1)), "no step lost, none counted twice"
+    assert steps_in(root / "loss.csv") == list(range(1, total + 1)), "no step lost, none counted twice"
     text = log.read_text()
     assert "resumed on 1 workers (the checkpoint's run had 2)" in text
     assert "resumed on 2 workers (the checkpoint's run had 1)" in text

@@ -153,6 +153,18 @@ def test_bad_batch_size_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureF
     assert not (tmp_path / "m.json").exists()
 
 
+def _run_on(
+    cluster: LocalRayCluster, tmp_path: Path, params: str, model: Path
+) -> subprocess.CompletedProcess:
+    """``python -m stages.profile`` with ``params`` (text) against ``cluster``, no MLflow; files in ``tmp_path``."""
+    (tmp_path / "params.yaml").write_text(params)
+    return subprocess.run(
+        [sys.executable, "-m", "stages.profile", "--params", str(tmp_path / "params.yaml"), "--model", str(model),
+         "--metrics", str(tmp_path / "profile.json"), "--plots", str(tmp_path / "split.csv"), "--no-mlflow"],
+        cwd=REPO_ROOT, env=cluster.env(), capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
+
+
 @pytest.mark.slow
 def test_where_cluster_measures_in_a_ray_task_with_a_training_workers_resources(
     ray_cluster: LocalRayCluster,  # noqa: F811 (the session fixture)
@@ -164,13 +176,8 @@ def test_where_cluster_measures_in_a_ray_task_with_a_training_workers_resources(
         "profile:\n  where: cluster\n  compare_torchvision: false\n  single_scale_baseline: false\n"
         "  train_step: false\n",
     )
-    (tmp_path / "params.yaml").write_text(params)
+    done = _run_on(ray_cluster, tmp_path, params, model)
     metrics_path = tmp_path / "profile.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "stages.profile", "--params", str(tmp_path / "params.yaml"), "--model", str(model),
-         "--metrics", str(metrics_path), "--plots", str(tmp_path / "split.csv"), "--no-mlflow"],
-        cwd=REPO_ROOT, env=ray_cluster.env(), capture_output=True, text=True, timeout=1200,
-    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert re.search(r"note: measured on Ray node [0-9.]+ \(1 CPUs\)", done.stdout), done.stdout[-2000:]
     assert json.loads(metrics_path.read_text())["cpu.model.bs1.latency_median_ms"] > 0
@@ -190,12 +197,7 @@ def test_where_cluster_refuses_a_gpu_the_cluster_lacks(
     params = PARAMS.replace("train:\n", "train:\n  use_gpu: true\n").replace(
         "profile:\n", "profile:\n  where: cluster\n"
     )
-    (tmp_path / "params.yaml").write_text(params)
-    done = subprocess.run(
-        [sys.executable, "-m", "stages.profile", "--params", str(tmp_path / "params.yaml"), "--model", str(model),
-         "--metrics", str(tmp_path / "profile.json"), "--plots", str(tmp_path / "split.csv"), "--no-mlflow"],
-        cwd=REPO_ROOT, env=ray_cluster.env(), capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    done = _run_on(ray_cluster, tmp_path, params, model)
     assert done.returncode == 2, done.stderr[-3000:]
     assert "train.use_gpu: true, but the Ray cluster at" in done.stderr and "has no GPU" in done.stderr, (
         done.stderr[-2000:]
