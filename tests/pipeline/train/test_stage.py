@@ -28,3 +28,12 @@ def test_a_min_size_list_names_the_run_as_written_in_params_yaml() -> None:
     assert run_name(from_yaml, DATA_HASH) == run_name(from_code, DATA_HASH)
     single = params_from_dict(yaml.safe_load("model:\n  min_size: 600\n  max_size: 1000\n"))
     assert run_name(from_yaml, DATA_HASH) != run_name(single, DATA_HASH)
+
+
+def test_train_cpu_amp_names_the_run_only_when_set() -> None:
+    # Added after run names were pinned: at its default (off, float32 as before) it leaves them.
+    base = "model:\n  min_size: 600\n  max_size: 1000\n"
+    off = params_from_dict(yaml.safe_load(base + "train:\n  cpu_amp: 'off'\n"))
+    assert run_name(off, DATA_HASH) == "fpn-392f41e19f5f"
+    auto = params_from_dict(yaml.safe_load(base + "train:\n  cpu_amp: auto\n"))
+    assert run_name(auto, DATA_HASH) != run_name(off, DATA_HASH)
