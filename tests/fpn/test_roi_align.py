@@ -84,3 +84,25 @@ def test_no_rois_and_bad_sampling_ratio() -> None:
     assert feature.grad is not None and not feature.grad.any()
     with pytest.raises(ValueError, match="sampling_ratio"):
         roi_align_gather(feature, torch.zeros(1, 5), output_size=7, spatial_scale=0.25, sampling_ratio=0)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_the_gather_reads_a_row_contiguous_table_whatever_the_layout(
+    n: int, memory_format: torch.memory_format, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # embedding_bag on a column-strided table (an NCHW map of one image, reshaped as a view) is ~10x
+    # slower: every layout must reach it as contiguous (N*H*W, C) rows, with the same values.
+    feature, rois = _inputs(n, 6, 10, 12, num_rois=7, scale=1 / 4)
+    feature = feature.contiguous(memory_format=memory_format)
+    tables = []
+    embedding_bag = torch.nn.functional.embedding_bag
+
+    def record(index, table, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        tables.append(table)
+        return embedding_bag(index, table, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "embedding_bag", record)
+    got = roi_align_gather(feature, rois, output_size=7, spatial_scale=1 / 4, sampling_ratio=2)
+    assert len(tables) == 1 and tables[0].is_contiguous() and tables[0].shape == (n * 10 * 12, 6)
+    torch.testing.assert_close(got, roi_align(feature, rois, 7, 1 / 4, 2), rtol=1e-5, atol=1e-5)
