@@ -282,9 +282,16 @@ def test_4_a_lost_worker_node_leaves_one_worker_from_the_s3_checkpoint_and_a_joi
             command, env=services.driver_env(), cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT
         )
     try:
-        # Registered by Ray's controller (its snapshot in S3), not only uploaded: the one to resume from.
-        wait_for(lambda: int(services.python(REGISTERED, bucket, "elastic/ray/")) > 0,
-                   "a registered checkpoint in S3", stage, log, timeout=300)  # fmt: skip
+        # Registered by Ray's controller (its snapshot in S3), not only uploaded: the one to resume from,
+        # and written by the two-worker group: an elastic run starts on the workers it can place, so a
+        # node still freeing the previous test's resources can make it start on one and grow later.
+        def checkpointed_by_two() -> bool:
+            rank1 = read_status(status, 1)
+            if not (rank1 and rank1["world_size"] == 2):
+                return False
+            return int(services.python(REGISTERED, bucket, "elastic/ray/")) > rank1["start_iteration"]
+
+        wait_for(checkpointed_by_two, "a checkpoint in S3 registered by two workers", stage, log, timeout=300)
         victim = read_status(status, 1)
         assert victim is not None and victim["world_size"] == 2 and victim["iteration"] < total, victim
         node = cluster.worker_ips.index(victim["node_ip"]) + 1
