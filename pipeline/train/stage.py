@@ -110,12 +110,13 @@ def run_name(params: Params, data_hash: str) -> str:
 
     ``train:`` less `NAME_NEUTRAL_TRAIN_KEYS`, and less each of `NAMED_WHEN_SET_TRAIN_KEYS` at its default.
     """
+    raw = params.to_dict()
     train = {
         k: v
-        for k, v in params.to_dict()["train"].items()
+        for k, v in raw["train"].items()
         if k not in NAME_NEUTRAL_TRAIN_KEYS and NAMED_WHEN_SET_TRAIN_KEYS.get(k, object()) != v
     }
-    defining = {"model": params.to_dict()["model"], "train": train, "data_hash": data_hash}
+    defining = {"model": raw["model"], "train": train, "data_hash": data_hash}
     digest = hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()
     return f"fpn-{digest[:12]}"
 
