@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.provenance import project_root
-from pipeline.tracking.store import prepare_store
+from pipeline.tracking.store import artifact_root, prepare_store
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -206,7 +206,7 @@ class TrackedRun:
                         client.set_tag(run_id, key, str(value))
                 return cls(uri, run_id, strict=strict)
             run = client.create_run(
-                _experiment_id(client, experiment), run_name=run_name, tags=dict(tags or {})
+                _experiment_id(client, uri, experiment), run_name=run_name, tags=dict(tags or {})
             )
             return cls(uri, run.info.run_id, strict=strict)
         except Exception as err:  # noqa: BLE001 - tracking must never stop the training
@@ -400,13 +400,14 @@ def fail_running_runs(
         return []
 
 
-def _experiment_id(client: MlflowClient, name: str) -> str:
-    """The id of experiment ``name``, created when missing (another process may create it meanwhile)."""
+def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
+    """The id of experiment ``name`` of store ``uri``, created when missing (another process may
+    create it meanwhile), with its artifacts at `artifact_root` for a SQLite store."""
     found = client.get_experiment_by_name(name)
     if found is not None:
         return str(found.experiment_id)
     try:
-        return str(client.create_experiment(name))
+        return str(client.create_experiment(name, artifact_location=artifact_root(uri, name)))
     except Exception:  # noqa: BLE001 - created by another process since the lookup
         found = client.get_experiment_by_name(name)
         if found is None:

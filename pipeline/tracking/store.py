@@ -14,6 +14,12 @@ store goes through it (`pipeline.tracking.run.TrackedRun`, the registry, the pyf
 once per process; other URIs (an ``http://`` server, a database server, an in-memory SQLite)
 are left alone.
 
+`artifact_root(uri, experiment)` is where a new experiment of a SQLite store keeps its artifacts:
+``<folder of the database>/mlruns/<experiment>``. MLflow's own default, ``./mlruns/<id>``, is
+resolved against the working directory of whichever process creates the experiment first; a Ray
+Train worker or a Tune trial runs in a Ray temp folder (``/tmp/ray/session_*/artifacts/...``), so
+the runs' files and the registered models landed there and were lost with it.
+
 Conventions: POSIX only (``fcntl``). MLflow is imported inside `prepare_store`, not at the top: the
 training loop imports `pipeline.tracking.run`, which imports this module, and also runs where
 MLflow is not installed (see `pipeline.tracking.run`).
@@ -24,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import re
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -43,6 +50,20 @@ def sqlite_path(uri: str) -> Path | None:
     if path in ("", ":memory:"):
         return None
     return Path(path).resolve()
+
+
+def artifact_root(uri: str, experiment: str) -> str | None:
+    """Where a new experiment ``experiment`` of the SQLite store ``uri`` keeps its artifacts.
+
+    ``<folder of the database>/mlruns/<experiment>`` (an absolute path; characters other than
+    letters, digits, ``.``, ``_`` and ``-`` become ``_``), whichever process creates it. None for
+    other URIs: a tracking server or a database server decides for itself.
+    """
+    db = sqlite_path(uri)
+    if db is None:
+        return None
+    folder = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip(".") or "_"
+    return str(db.parent / "mlruns" / folder)
 
 
 def lock_path(db: Path) -> Path:

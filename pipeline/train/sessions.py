@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -33,10 +34,39 @@ log = logging.getLogger(__name__)
 
 
 METRICS_FILE = "metrics.json"  # a local checkpoint's report (rank 0's metrics)
+STAGING_PREFIX = "fpn-ckpt-"  # a Ray worker's checkpoint before Ray copies it: fpn-ckpt-<pid>-*
 
 
 def checkpoint_dir_name(iteration: int) -> str:
     return f"checkpoint_{iteration:08d}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_orphan_staging(parent: str | Path | None = None) -> list[Path]:
+    """Remove the checkpoint staging folders (``<temp dir>/fpn-ckpt-<pid>-*``) of dead processes.
+
+    A worker killed between writing its checkpoint and Ray's copy of it leaves its staging folder
+    behind (one checkpoint's size each time: a preempted node would fill its disk). Folders of
+    live processes, and folders that cannot be removed, are left alone. Returns those removed.
+    """
+    removed = []
+    for folder in Path(parent or tempfile.gettempdir()).glob(f"{STAGING_PREFIX}*-*"):
+        pid = folder.name[len(STAGING_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)) and folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    if removed:
+        log.info("removed %d checkpoint staging folder(s) of killed workers", len(removed))
+    return removed
 
 
 class Session(Protocol):
@@ -155,7 +185,8 @@ class RaySession:
             return
         # Written whole in a temporary folder first; Ray copies it into the run's storage and
         # registers it only once the copy is done, so a crash leaves no half checkpoint behind.
-        with tempfile.TemporaryDirectory(prefix="fpn-ckpt-") as tmp:
+        remove_orphan_staging()
+        with tempfile.TemporaryDirectory(prefix=f"{STAGING_PREFIX}{os.getpid()}-") as tmp:
             save_checkpoint(tmp, state)
             ray.train.report(
                 metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name

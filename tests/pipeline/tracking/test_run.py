@@ -18,6 +18,7 @@ from pipeline.tracking.run import (
     flatten,
     tracking_uri,
 )
+from pipeline.tracking.store import artifact_root
 from tests.conftest import free_port
 
 
@@ -133,3 +134,23 @@ def test_unreachable_tracking_server_fails_fast_naming_it() -> None:
     with pytest.raises(TrackingUnavailable, match=f"MLflow tracking server {uri} is unreachable"):
         check_tracking_uri(uri)
     assert time.monotonic() - start < 10
+
+
+def test_new_experiments_keep_their_files_beside_the_sqlite_store(tmp_path: Path, monkeypatch) -> None:
+    """A Ray worker or Tune trial runs in a temp folder: MLflow's default artifact root (./mlruns,
+    from the working directory) would put the runs' files and models there."""
+    store, elsewhere = tmp_path / "store", tmp_path / "ray-temp-folder"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    uri = f"sqlite:///{store}/mlflow.db"
+    run = TrackedRun.open(uri, "fpn ablation/1", run_name="fpn-abc")
+    (tmp_path / "eval.json").write_text("{}")
+    run.log_artifact(tmp_path / "eval.json", "evaluation")
+    run.finish()
+
+    root = store.resolve() / "mlruns" / "fpn_ablation_1"
+    assert MlflowClient(uri).get_experiment_by_name("fpn ablation/1").artifact_location == str(root)
+    assert (root / run.run_id / "artifacts" / "evaluation" / "eval.json").is_file()
+    assert not any(elsewhere.iterdir())
+    assert artifact_root(uri, "fpn ablation/1") == str(root)
+    assert artifact_root("http://127.0.0.1:5000", "fpn") is None  # a server decides for itself

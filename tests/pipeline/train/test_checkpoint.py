@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +23,7 @@ from pipeline.train.checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from pipeline.train.sessions import LocalSession
+from pipeline.train.sessions import LocalSession, remove_orphan_staging
 
 
 def state(iteration: int) -> dict:
@@ -119,3 +122,20 @@ def test_cuda_states_saved_once_initialised_and_set_per_device(monkeypatch: pyte
     assert saved["cuda"] == fake
     restore_rng_state(saved)
     assert [(d, s.tolist()) for d, s in set_calls] == [(0, fake[0].tolist()), (1, fake[1].tolist())]
+
+
+def test_staging_folders_of_killed_workers_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
+    """A Ray worker killed between writing its checkpoint and Ray's copy leaves fpn-ckpt-<pid>-*."""
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead_pid = int(gone.stdout)  # that process has exited
+    dead = tmp_path / f"fpn-ckpt-{dead_pid}-abc"
+    live = tmp_path / f"fpn-ckpt-{os.getpid()}-def"
+    other = tmp_path / "fpn-ckpt-unnamed"  # not ours to judge (no pid)
+    for folder in (dead, live, other):
+        folder.mkdir()
+        (folder / "train_state.pt").write_bytes(b"x" * 10)
+
+    assert remove_orphan_staging(tmp_path) == [dead]
+    assert not dead.exists() and live.exists() and other.exists()

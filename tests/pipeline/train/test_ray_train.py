@@ -129,7 +129,11 @@ def test_two_workers_stay_in_sync_and_a_killed_worker_resumes(
     ]
     # One MLflow run (rank 0 only, continued after the restart), lr scaled to the global batch of 4.
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("fpn").experiment_id])
+    experiment = client.get_experiment_by_name("fpn")
+    # Rank 0 created the experiment from its Ray temp working folder; its files still go beside
+    # the database (MLflow's default, ./mlruns, would have put them in that temp folder).
+    assert experiment.artifact_location == str(tmp_path.resolve() / "mlruns" / "fpn")
+    runs = client.search_runs([experiment.experiment_id])
     assert [r.info.run_id for r in runs] == [loaded.extra["mlflow_run_id"]]
     assert runs[0].info.status == "FINISHED"
     assert {m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")} == set(
