@@ -69,11 +69,26 @@ def test_dvc_repro_runs_every_stage_then_is_a_no_op(tmp_path: Path) -> None:
     versions = client.search_model_versions("name='fpn-detector'")
     assert len(versions) == 1
     assert client.get_model_version_by_alias("fpn-detector", "champion").version == versions[0].version
+    # The runs' files and the registered model live beside the store, not in a Ray temp folder
+    # (the experiment was created by the Ray Train worker, in its temp working folder).
+    experiment = client.get_experiment_by_name("fpn")
+    assert experiment.artifact_location == str(repo.resolve() / "mlruns" / "fpn")
+    assert list((repo / "mlruns" / "fpn").rglob("MLmodel")), "the logged model's files"
 
     # Every file the stages wrote is an output dvc.yaml declares. Not outputs: the MLflow store
     # and Ray's checkpoint storage (runs/), state that outlives a run by design.
     declared = _declared_outputs(repo / "dvc.yaml")
-    state = ("mlflow.db", "mlflow.db.lock", "mlartifacts", "runs", "dvc.lock", ".dvc", ".git", ".dvcignore")
+    state = (
+        "mlflow.db",
+        "mlflow.db.lock",
+        "mlruns",
+        "mlartifacts",
+        "runs",
+        "dvc.lock",
+        ".dvc",
+        ".git",
+        ".dvcignore",
+    )
     written = [
         p.relative_to(repo)
         for p in repo.rglob("*")
