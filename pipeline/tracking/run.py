@@ -405,6 +405,7 @@ def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
     create it meanwhile), with its artifacts at `artifact_root` for a SQLite store."""
     found = client.get_experiment_by_name(name)
     if found is not None:
+        _warn_if_in_ray_temp(name, str(found.artifact_location or ""))
         return str(found.experiment_id)
     try:
         return str(client.create_experiment(name, artifact_location=artifact_root(uri, name)))
@@ -413,3 +414,16 @@ def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
         if found is None:
             raise
         return str(found.experiment_id)
+
+
+def _warn_if_in_ray_temp(name: str, location: str) -> None:
+    """Warn when experiment ``name`` keeps its files in a Ray session folder (``/tmp/ray/session_*``):
+    a SQLite experiment created by an earlier version from a Ray worker; they go with that folder."""
+    if "/ray/session_" not in location:
+        return
+    message = (
+        f"MLflow experiment {name!r} keeps its runs' files and models in a Ray temp folder ({location}), "
+        "which Ray does not keep; copy them out and log to a new experiment (`train.experiment`)"
+    )
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    log.warning(message)

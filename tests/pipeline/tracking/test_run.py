@@ -154,3 +154,18 @@ def test_new_experiments_keep_their_files_beside_the_sqlite_store(tmp_path: Path
     assert not any(elsewhere.iterdir())
     assert artifact_root(uri, "fpn ablation/1") == str(root)
     assert artifact_root("http://127.0.0.1:5000", "fpn") is None  # a server decides for itself
+
+
+def test_an_experiment_left_in_a_ray_temp_folder_is_named_in_a_warning(tmp_path: Path) -> None:
+    """Stores from before artifact_root: the experiment a Ray worker created lives in /tmp/ray."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    temp = "/tmp/ray/session_2026-12-01_11-55-42_482964_20878/artifacts/fpn-9692cf297c23/mlruns/1"
+    TrackedRun.open(uri, "other").finish()  # creates the store
+    MlflowClient(uri).create_experiment("fpn", artifact_location=temp)
+
+    with pytest.warns(RuntimeWarning, match="Ray temp folder") as caught:
+        run = TrackedRun.open(uri, "fpn", run_name="fpn-abc")
+    assert run.active and temp in str(caught[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TrackedRun.open(uri, "other").finish()  # beside the store: no warning
