@@ -115,7 +115,9 @@ def test_champion_alias_loads_back_with_the_same_detections(
     # The generic pyfunc interface: encoded images in, one row per detection out.
     import pandas as pd
 
-    pyfunc = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}")
+    # dst_path: MLflow otherwise downloads into a temp folder it never removes (45 MB a run).
+    (tmp_path / "pyfunc").mkdir()
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}", dst_path=str(tmp_path / "pyfunc"))
     frame = pd.DataFrame({"image": [f.read_bytes() for f in files]})
     rows = pyfunc.predict(frame, params={"score_thresh": 0.0})
     assert list(rows.columns) == OUTPUT_COLUMNS
