@@ -26,6 +26,7 @@ the writer's PID) are removed by the next writer of the same output.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import re
@@ -135,13 +136,27 @@ def check_output_folder(
     )
 
 
+def remove_dead_writers(parent: Path, prefix: str) -> list[Path]:
+    """Delete the folders ``<parent>/<prefix><pid>-*`` whose writing process ``pid`` has died.
+
+    The naming convention of this module's temporaries (and of other per-process scratch folders):
+    a writer killed before it cleaned up leaves one behind. Folders of live processes (another
+    user's included) are left alone. Returns those deleted.
+    """
+    pattern = re.compile(rf"{re.escape(prefix)}(\d+)-")
+    removed = []
+    for entry in parent.glob(f"{glob.escape(prefix)}*-*"):
+        match = pattern.match(entry.name)
+        if match and entry.is_dir() and not _alive(int(match.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
 def _remove_stale_temporaries(target: Path) -> None:
     """Delete ``.<name>.tmp-<pid>-*`` / ``.<name>.old-<pid>-*`` siblings whose writer has died."""
-    pattern = re.compile(rf"\.{re.escape(target.name)}\.(?:tmp|old)-(\d+)-")
-    for sibling in target.parent.glob(f".{target.name}.*-*"):
-        match = pattern.match(sibling.name)
-        if match and not _alive(int(match.group(1))):
-            shutil.rmtree(sibling, ignore_errors=True)
+    for kind in ("tmp", "old"):
+        remove_dead_writers(target.parent, f".{target.name}.{kind}-")
 
 
 def _alive(pid: int) -> bool:

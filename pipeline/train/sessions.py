@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import torch
 
-from pipeline.io import atomic_directory
+from pipeline.io import atomic_directory, remove_dead_writers
 from pipeline.train.best import BestCheckpoint, best_of, rank
 from pipeline.train.checkpoint import STATE_FILE, CheckpointError, load_checkpoint, save_checkpoint
 
@@ -41,29 +41,14 @@ def checkpoint_dir_name(iteration: int) -> str:
     return f"checkpoint_{iteration:08d}"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def remove_orphan_staging(parent: str | Path | None = None) -> list[Path]:
     """Remove the checkpoint staging folders (``<temp dir>/fpn-ckpt-<pid>-*``) of dead processes.
 
     A worker killed between writing its checkpoint and Ray's copy of it leaves its staging folder
     behind (one checkpoint's size each time: a preempted node would fill its disk). Folders of
-    live processes, and folders that cannot be removed, are left alone. Returns those removed.
+    live processes are left alone (`pipeline.io.remove_dead_writers`). Returns those removed.
     """
-    removed = []
-    for folder in Path(parent or tempfile.gettempdir()).glob(f"{STAGING_PREFIX}*-*"):
-        pid = folder.name[len(STAGING_PREFIX) :].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)) and folder.is_dir():
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
+    removed = remove_dead_writers(Path(parent or tempfile.gettempdir()), STAGING_PREFIX)
     if removed:
         log.info("removed %d checkpoint staging folder(s) of killed workers", len(removed))
     return removed
